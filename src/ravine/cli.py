@@ -1,0 +1,22 @@
+"""The `ravine` command line: one sub-command per part of the lab."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    help="ravine: an optimizer lab for PyTorch.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Sub-commands register themselves below, one line each.
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
