@@ -12,6 +12,8 @@ app = typer.Typer(
 )
 
 # Sub-commands register themselves below, one line each.
+from ravine.landscape.cli import landscape_command  # noqa: E402
+app.command("landscape")(landscape_command)
 
 
 def main() -> None:
