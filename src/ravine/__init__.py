@@ -1,8 +1,35 @@
-"""ravine: an optimizer lab for PyTorch."""
+"""ravine: an optimizer lab for PyTorch.
 
-from ravine.optim import SGD, Adagrad, Adam, AdamW, RMSprop
-from ravine.registry import available, create, parse_spec
+Optimizers that drop into any torch training loop (``ravine.AdamW`` for
+``torch.optim.AdamW``), gradient clipping, learning-rate schedules, and named
+optimizer specs such as ``"adamw(lr=3e-4, weight_decay=0.1)"``.
+"""
+
+from ravine import schedules
+from ravine.clip import ClipByGlobalNorm, ClipByValue, clip_grad_norm_, clip_grad_value_
+from ravine.optim import SGD, Adagrad, Adam, AdamW, RavineOptimizer, RMSprop
+from ravine.registry import available, create, describe, parse_spec, register
+from ravine.schedules import ReduceOnPlateau, ScheduledLR
 
 __version__ = "0.1.0"
 
-__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "available", "create", "parse_spec"]
+__all__ = [
+    "SGD",
+    "Adagrad",
+    "RMSprop",
+    "Adam",
+    "AdamW",
+    "RavineOptimizer",
+    "clip_grad_value_",
+    "clip_grad_norm_",
+    "ClipByValue",
+    "ClipByGlobalNorm",
+    "schedules",
+    "ScheduledLR",
+    "ReduceOnPlateau",
+    "available",
+    "create",
+    "describe",
+    "parse_spec",
+    "register",
+]

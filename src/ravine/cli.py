@@ -14,6 +14,8 @@ app = typer.Typer(
 # Sub-commands register themselves below, one line each.
 from ravine.arena.cli import compare_command  # noqa: E402
 app.command("compare")(compare_command)
+from ravine.advise_cli import advise_command  # noqa: E402
+app.command("advise")(advise_command)
 from ravine.landscape.cli import landscape_command  # noqa: E402
 app.command("landscape")(landscape_command)
 

@@ -26,6 +26,7 @@ Scalars = float | Sequence[float]
 _FULL_PRECISION = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 
 __all__ = [
+    "scalar",
     "scale_",
     "negate",
     "add_l2_penalty",
@@ -47,6 +48,17 @@ __all__ = [
     "clip_by_value_",
     "clip_by_global_norm_",
 ]
+
+
+def scalar(value: float | Tensor) -> float:
+    """A hyperparameter as a Python number; a 1-element tensor is read.
+
+    Arithmetic on a tensor hyperparameter (``1 - beta``) is done in the tensor's
+    dtype *before* reading it, as torch.optim does, so both give the same numbers.
+    """
+    if isinstance(value, Tensor):
+        return value.item()
+    return value
 
 
 def scale_(tensors: list[Tensor], factor: float) -> None:
@@ -107,15 +119,15 @@ def nesterov_direction(grads: list[Tensor], buffers: list[Tensor], momentum: flo
     return torch._foreach_add(grads, buffers, alpha=momentum)
 
 
-def moving_average_(averages: list[Tensor], values: list[Tensor], decay: float) -> None:
+def moving_average_(averages: list[Tensor], values: list[Tensor], decay: float | Tensor) -> None:
     r"""Exponential moving average :math:`m \leftarrow \beta m + (1 - \beta) x`."""
-    torch._foreach_lerp_(averages, values, 1 - decay)
+    torch._foreach_lerp_(averages, values, scalar(1 - decay))
 
 
-def moving_average_of_squares_(averages: list[Tensor], values: list[Tensor], decay: float) -> None:
+def moving_average_of_squares_(averages: list[Tensor], values: list[Tensor], decay: float | Tensor) -> None:
     r"""Exponential moving average of squares :math:`s \leftarrow \beta s + (1 - \beta) x^2`."""
-    scale_(averages, decay)
-    torch._foreach_addcmul_(averages, values, values, value=1 - decay)
+    scale_(averages, scalar(decay))
+    torch._foreach_addcmul_(averages, values, values, value=scalar(1 - decay))
 
 
 def accumulate_squares_(sums: list[Tensor], values: list[Tensor]) -> None:
@@ -233,12 +245,12 @@ def _scalar_or_list(values: Scalars) -> float | list[float]:
     return values[0] if _all_equal(values) else list(values)
 
 
-def bias_correction(beta: float, step: float) -> float:
+def bias_correction(beta: float | Tensor, step: float) -> float | Tensor:
     r""":math:`1 - \beta^t`, the factor that unbiases a zero-initialised moving average."""
     return 1 - beta**step
 
 
-def bias_correction_root(beta: float, step: float) -> float:
+def bias_correction_root(beta: float | Tensor, step: float) -> float:
     r""":math:`\sqrt{1 - \beta^t}`."""
-    return (1 - beta**step) ** 0.5
+    return scalar((1 - beta**step) ** 0.5)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import runpy
 import time
 from pathlib import Path
@@ -143,7 +144,10 @@ def compare_command(
         help="Optuna storage URL shared by several workers, e.g. postgresql://user@host/db "
         "(default: SQLite at <out>/study.db).",
     ),
-    jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at once, in worker processes."),
+    jobs: int = typer.Option(
+        None, "--jobs", "-j",
+        help="Runs at once, each in its own worker process (default: 2, or 1 on a one-core machine).",
+    ),
     threads: int = typer.Option(1, "--threads", help="torch threads per run."),
     target_loss: float = typer.Option(None, "--target-loss", help="Train loss for 'steps to target' (default: median optimizer's final loss)."),
     tasks_from: Path = typer.Option(None, "--tasks-from", help="Python file that calls register_task(...) for your own tasks."),
@@ -184,7 +188,7 @@ def compare_command(
             task=task, optimizers=tuple(specs), budget=budget, seeds=seeds, grid_points=grid_points,
             trials=trials, epochs=epochs, steps=steps, batch_size=batch_size, schedule=schedule,
             clip_norm=clip, mode=mode, out=out or Path("ravine-out") / get_task(task).name,
-            storage=storage, jobs=jobs, threads=threads,
+            storage=storage, jobs=jobs or min(2, os.cpu_count() or 1), threads=threads,
         )
     except ValueError as error:
         _fail(console, str(error))

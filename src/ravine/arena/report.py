@@ -281,6 +281,8 @@ def _verdict(summaries: list[Summary], task: Any, target: float, percent: bool) 
 
 
 def _signed(value: float, percent: bool) -> str:
+    if abs(value) < 1e-12:
+        value = 0.0  # no "-0"
     if percent:
         return f"{100 * value:+.1f} points"
     return f"{value:+.3g}"
@@ -429,6 +431,9 @@ def _plot_speed_memory(summaries: list[Summary], colors, folder: Path) -> Path |
     axes[1].set_xlabel("optimizer state (KiB, exact)")
     axes[2].barh(positions, [s.peak_memory_bytes / 2**20 for s in group], color=bar_colors)
     axes[2].set_xlabel("peak RSS rise during a run (MiB)")
+    if not any(s.peak_memory_bytes for s in group):
+        axes[2].text(0.5, 0.5, "no rise above the\nstart-of-run level", ha="center", va="center",
+                     transform=axes[2].transAxes, color="grey")
     axes[0].set_yticks(positions, names)
     axes[0].invert_yaxis()
     for axis in axes:

@@ -532,12 +532,8 @@ def _execute(
 ) -> dict[str, Any]:
     if report is None and _WORKER_PROGRESS is not None:
         queue = _WORKER_PROGRESS
-        every = 0
-
         def report(step: int, total: int, loss: float) -> None:
-            nonlocal every
-            every += 1
-            if every % 10 == 0 or step == total:
+            if step % 10 == 0 or step == total:
                 queue.put((key, step, loss))
 
     return train(task, config, progress=report).to_dict()
@@ -665,9 +661,10 @@ def _submit(
             return executor.submit(_execute, config.task, train_config, key)
         last_beat = time.monotonic()
 
-        def advance(step: int, _total: int, loss: float) -> None:
+        def advance(step: int, total: int, loss: float) -> None:
             nonlocal last_beat
-            progress.run_advanced(key, step, loss)
+            if step % 10 == 0 or step == total:
+                progress.run_advanced(key, step, loss)
             if time.monotonic() - last_beat > HEARTBEAT_INTERVAL_S:
                 last_beat = time.monotonic()  # a long in-process run must not look stale
                 trial.set_user_attr("heartbeat", time.time())

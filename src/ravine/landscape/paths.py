@@ -39,6 +39,7 @@ __all__ = [
     "CSV_COLUMNS",
     "OptimizerChoice",
     "Path",
+    "as_optimizer_list",
     "resolve_optimizer",
     "run",
     "run_many",
@@ -92,7 +93,7 @@ def resolve_optimizer(optimizer: Any, lr: float | None = None) -> OptimizerChoic
     if isinstance(optimizer, OptimizerChoice):
         return optimizer if lr is None else optimizer.with_lr(lr)
     kwargs: dict[str, Any] = {}
-    if isinstance(optimizer, tuple) and len(optimizer) == 2 and isinstance(optimizer[1], dict):
+    if _is_pair(optimizer):
         optimizer, kwargs = optimizer[0], dict(optimizer[1])
     if isinstance(optimizer, str):
         name, spec_kwargs = registry.parse_spec(optimizer)
@@ -124,6 +125,19 @@ def resolve_optimizer(optimizer: Any, lr: float | None = None) -> OptimizerChoic
         f"{', '.join(registry.available())}), a torch.optim.Optimizer class, a (class, kwargs) "
         f"pair or a factory params -> Optimizer; got {optimizer!r}"
     )
+
+
+def as_optimizer_list(optimizers: Any) -> list[Any]:
+    """One optimizer (spec, class, (class, kwargs) pair, factory) or a sequence of them, as a list."""
+    if isinstance(optimizers, (str, OptimizerChoice, type)) or _is_pair(optimizers):
+        return [optimizers]
+    if isinstance(optimizers, Iterable):
+        return list(optimizers)
+    return [optimizers]
+
+
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict)
 
 
 def split_specs(text: str) -> list[str]:
@@ -269,11 +283,7 @@ def run_many(
             raise ValueError("lrs must hold at least one learning rate")
     if batched not in (None, True, False):
         raise ValueError(f"batched must be None, True or False, got {batched!r}")
-    if isinstance(optimizers, (str, tuple, OptimizerChoice)) or (
-        not isinstance(optimizers, Iterable)
-    ):
-        optimizers = [optimizers]
-    choices = [resolve_optimizer(optimizer) for optimizer in optimizers]
+    choices = [resolve_optimizer(optimizer) for optimizer in as_optimizer_list(optimizers)]
     if not choices:
         raise ValueError("optimizers must name at least one optimizer")
 

@@ -50,6 +50,7 @@ def plot_contour(
     title: str | None = None,
     levels: int = 24,
     resolution: int = 300,
+    legend: bool = True,
 ) -> Figure:
     """Log-spaced contours of ``function`` over its window with every path drawn on top.
 
@@ -73,10 +74,10 @@ def plot_contour(
             ax.plot(*last, "X", color=color, ms=10, markeredgecolor="black", zorder=5)
     _draw_landmarks(ax, function, paths)
     ax.set_title(title if title is not None else default_title(function, paths), fontsize=11)
-    handles, labels = ax.get_legend_handles_labels()
-    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9,
-              frameon=False, borderaxespad=0.0)
-    figure.tight_layout()
+    if legend:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9, frameon=False,
+                  borderaxespad=0.0)
+        figure.tight_layout()
     return figure
 
 
@@ -87,6 +88,7 @@ def plot_loss(
     ax: Axes | None = None,
     title: str | None = None,
     tolerance: float | None = None,
+    legend: bool = True,
 ) -> Figure:
     """Loss (minus the minimum value, when known) against step on a log axis, one line per path."""
     function = as_test_function(function)
@@ -120,9 +122,10 @@ def plot_loss(
     steps = max((path.steps for path in paths), default=0)
     ax.set_title(title if title is not None else f"{function.title}\nloss against step, {steps} steps",
                  fontsize=11)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9, frameon=False,
-              borderaxespad=0.0)
-    figure.tight_layout()
+    if legend:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9, frameon=False,
+                  borderaxespad=0.0)
+        figure.tight_layout()
     return figure
 
 

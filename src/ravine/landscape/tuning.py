@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ravine.landscape.functions import TestFunction, as_test_function
-from ravine.landscape.paths import Path, resolve_optimizer, run_many
+from ravine.landscape.paths import Path, as_optimizer_list, resolve_optimizer, run_many
 
 __all__ = [
     "SEED_OPTIMIZERS",
@@ -109,8 +109,7 @@ def compare(
     """One path per optimizer, at its own learning rate or, with ``tune``, its best on ``grid``."""
     _check_tolerance(tolerance)
     test_function = as_test_function(function, start)
-    if isinstance(optimizers, (str, tuple)) or not isinstance(optimizers, Sequence):
-        optimizers = [optimizers]
+    optimizers = as_optimizer_list(optimizers)
     if not optimizers:
         raise ValueError("optimizers must name at least one optimizer")
     if not tune:

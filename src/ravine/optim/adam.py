@@ -100,7 +100,7 @@ class Adam(RavineOptimizer):
         # A tensor lr is combined with other factors in tensor arithmetic, as
         # torch.optim does, so both give the same numbers.
         lr = group["lr"]
-        beta1, beta2 = (scalar(beta) for beta in group["betas"])
+        beta1, beta2 = group["betas"]
         weight_decay = group["weight_decay"]
         if group["maximize"]:
             grads = T.negate(grads)
@@ -111,7 +111,13 @@ class Adam(RavineOptimizer):
                 grads = T.add_l2_penalty(grads, params, weight_decay)
         exp_avgs = [state["exp_avg"] for state in states]
         exp_avg_sqs = [state["exp_avg_sq"] for state in states]
-        T.moving_average_(exp_avgs, grads, beta1)
+        if isinstance(beta1, Tensor):
+            # torch.optim casts a tensor beta1 to each parameter's dtype first.
+            for dtype in {p.dtype for p in params}:
+                same = [i for i, p in enumerate(params) if p.dtype == dtype]
+                T.moving_average_([exp_avgs[i] for i in same], [grads[i] for i in same], beta1.to(dtype))
+        else:
+            T.moving_average_(exp_avgs, grads, beta1)
         T.moving_average_of_squares_(exp_avg_sqs, grads, beta2)
         if group["amsgrad"]:
             second_moments = [state["max_exp_avg_sq"] for state in states]

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ravine.transforms import scalar
+
 __all__ = ["RavineOptimizer", "check_range", "scalar"]
 
 # Parameters are updated in blocks of about this many elements: small tensors are
@@ -34,13 +36,6 @@ BLOCK_ELEMENTS = 1 << 16
 # body and their scalar tail, so slicing a bfloat16 or float16 tensor would move the
 # tails and change results in the last bit. Only full-precision tensors are sliced.
 _SLICEABLE_DTYPES = (torch.float32, torch.float64)
-
-
-def scalar(value: float | Tensor) -> float:
-    """A hyperparameter as a Python number (0-d and 1-element tensors are read)."""
-    if isinstance(value, Tensor):
-        return value.item()
-    return value
 
 
 def check_range(
@@ -230,9 +225,14 @@ class RavineOptimizer(torch.optim.Optimizer):
             )
 
     def _state_of(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
-        state = self.state[p]
-        if len(state) == 0:
+        state = self.state.get(p)
+        if state is None:
+            state = {}
             self.init_state(group, p, state)
+            # Like torch.optim, keep no entry for a parameter whose rule has no state
+            # (plain SGD), so state_dicts match.
+            if state or self.state_names(group):
+                self.state[p] = state
         return state
 
     def _new_step_tensor(self, group: dict[str, Any], p: Tensor) -> Tensor:
