@@ -172,7 +172,7 @@ def option_id(options: dict[str, Any]) -> str:
     parts = []
     for key, value in options.items():
         if isinstance(value, torch.Tensor):
-            value = f"tensor({value.item():g})"
+            value = f"tensor({','.join(f'{v:g}' for v in value.flatten().tolist())})"
         elif isinstance(value, tuple):
             value = "(" + ",".join(f"tensor({v.item():g})" if isinstance(v, torch.Tensor) else f"{v:g}" for v in value) + ")"
         parts.append(f"{key}={value}")
