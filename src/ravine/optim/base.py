@@ -15,7 +15,7 @@ a step that raises changes nothing:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ __all__ = ["RavineOptimizer", "check_range", "scalar"]
 # are cut into slices, so that a block's parameters, gradients and state stay in
 # cache across the several passes an update rule makes over them. Every operation is
 # element-wise, so blocking never changes a result.
-BLOCK_ELEMENTS = 1 << 16
+BLOCK_ELEMENTS = 1 << 18
 
 # torch's CPU kernels round reduced-precision floats differently in their vectorised
 # body and their scalar tail, so slicing a bfloat16 or float16 tensor would move the
@@ -134,7 +134,9 @@ class RavineOptimizer(torch.optim.Optimizer):
         """
         step_tensors = [state["step"] for _, state in dense]
         torch._foreach_add_(step_tensors, 1)
-        return [float(t) for t in step_tensors]
+        if all(t.device.type == "cpu" and t.dtype == step_tensors[0].dtype for t in step_tensors):
+            return torch.stack(step_tensors).tolist()  # one read instead of one per tensor
+        return [t.item() for t in step_tensors]
 
     def check_sparse_grad(self, group: dict[str, Any], param: Tensor) -> None:
         """Raise if ``param``'s sparse gradient cannot be used with ``group``'s options."""
@@ -170,8 +172,7 @@ class RavineOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             self.check_group(group)
             params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                self._check_grad(group, p)
+            self._check_sparse(group, params)
             work.append((group, params))
         if self.gradient_transforms:
             all_grads = [p.grad for _, params in work for p in params if not p.grad.is_sparse]
@@ -189,6 +190,10 @@ class RavineOptimizer(torch.optim.Optimizer):
                 self._update_group(group, params)
         return loss
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._plans = {}
+
     # -- internals -----------------------------------------------------------------
 
     def _check_group_types(self, group: dict[str, Any]) -> None:
@@ -204,15 +209,16 @@ class RavineOptimizer(torch.optim.Optimizer):
             if group.get(option) is not None:
                 check_flag(option, group[option])
 
-    def _check_grad(self, group: dict[str, Any], p: Tensor) -> None:
+    def _check_sparse(self, group: dict[str, Any], params: list[Tensor]) -> None:
         # torch itself refuses a .grad of the wrong shape, dtype or device; what is
         # left to check is the layout.
-        if p.grad.is_sparse:
-            if not self.supports_sparse:
-                raise RuntimeError(
-                    f"{type(self).__name__} does not support sparse gradients (optimizers that do: SGD, Adagrad)"
-                )
-            self.check_sparse_grad(group, p)
+        for p in params:
+            if p.grad.is_sparse:
+                if not self.supports_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients (optimizers that do: SGD, Adagrad)"
+                    )
+                self.check_sparse_grad(group, p)
 
     def _state_of(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
         state = self.state.get(p)
@@ -234,62 +240,123 @@ class RavineOptimizer(torch.optim.Optimizer):
         return torch.tensor(0.0, dtype=dtype)
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        dense = []
-        for p in params:
-            state = self._state_of(group, p)
-            if p.grad.is_sparse:
-                self.sparse_update(group, p, p.grad, state)
-            else:
-                dense.append((p, state))
-        if not dense:
-            return
+        if self.supports_sparse and any(p.grad.is_sparse for p in params):
+            for p in params:
+                if p.grad.is_sparse:
+                    self.sparse_update(group, p, p.grad, self._state_of(group, p))
+            params = [p for p in params if not p.grad.is_sparse]
+            if not params:
+                return
+        if self.state_names(group):
+            dense = [(p, self._state_of(group, p)) for p in params]
+        else:
+            dense = [(p, {}) for p in params]  # a rule without state (plain SGD) keeps none
         steps = self.advance_steps(group, dense)
-        for block in self._blocks(dense, self.state_names(group), steps):
-            self.update(group, *block)
+        plan = self._plan_for(group, dense)
+        for block in plan.blocks:
+            block_steps = [steps[index] for index in block.indices]
+            self.update(group, block.params, block.grads(), block.states, block_steps)
 
-    def _blocks(
-        self, dense: list[tuple[Tensor, dict[str, Any]]], names: tuple[str, ...], steps: list[float]
-    ) -> Iterator[tuple[list[Tensor], list[Tensor], list[dict[str, Any]], list[float]]]:
-        """Yield (params, grads, states, steps) in cache-sized blocks.
+    def _plan_for(self, group: dict[str, Any], dense: list[tuple[Tensor, dict[str, Any]]]) -> _Plan:
+        """The group's block plan, rebuilt when its parameters or state tensors change."""
+        names = self.state_names(group)
+        key = (id(group), names, tuple(id(p) for p, _ in dense))
+        plans = self.__dict__.setdefault("_plans", {})
+        plan = plans.get(key)
+        if plan is None or not plan.still_valid(dense):
+            plan = _Plan.build(dense, names, self.real_view_for_complex)
+            if len(plans) > 64:
+                plans.clear()
+            plans[key] = plan
+        return plan
 
-        Complex tensors are viewed as real pairs when the update rule needs it.
-        Large tensors whose parameter, gradient and state are all contiguous are cut
-        into flat slices; their state views share storage with the real state.
-        """
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        states: list[dict[str, Any]] = []
-        block_steps: list[float] = []
-        size = 0
-        for (p, state), step in zip(dense, steps, strict=True):
-            tensors = [p, p.grad] + [state.get(name) for name in names]
-            if self.real_view_for_complex and torch.is_complex(p):
+
+class _Block:
+    """Parameters (or slices of them) updated together by one call of the rule."""
+
+    def __init__(self) -> None:
+        self.params: list[Tensor] = []
+        self.states: list[dict[str, Tensor]] = []
+        self.indices: list[int] = []
+        self.sources: list[Tensor] = []  # the parameters whose .grad each entry reads
+        self.views: list[tuple[bool, int, int] | None] = []  # (real view, start, length)
+        self.size = 0
+
+    def add(self, index, source, param, state, view) -> None:
+        self.params.append(param)
+        self.states.append(state)
+        self.indices.append(index)
+        self.sources.append(source)
+        self.views.append(view)
+        self.size += param.numel()
+
+    def grads(self) -> list[Tensor]:
+        if not any(self.views):
+            return [source.grad for source in self.sources]
+        grads = []
+        for source, view in zip(self.sources, self.views):
+            grad = source.grad
+            if view is not None:
+                real, start, length = view
+                if real:
+                    grad = torch.view_as_real(grad)
+                if length >= 0:
+                    grad = grad.reshape(-1).narrow(0, start, length)
+            grads.append(grad)
+        return grads
+
+
+class _Plan:
+    """How a group's parameters are cut into cache-sized blocks.
+
+    Small tensors are batched into one list (one Python call for many tensors) and
+    large contiguous ones are cut into flat slices, so that a block's parameters,
+    gradients and state stay in cache across the several passes an update rule
+    makes over them. Every operation is element-wise, so blocking never changes a
+    result. The plan holds views of the state tensors; it is rebuilt whenever a
+    state tensor is replaced (``load_state_dict``, a new buffer).
+    """
+
+    def __init__(self, blocks: list[_Block], watched: list[tuple[dict[str, Any], str, Tensor]]) -> None:
+        self.blocks = blocks
+        self.watched = watched
+
+    def still_valid(self, dense: list[tuple[Tensor, dict[str, Any]]]) -> bool:
+        return all(state.get(name) is tensor for state, name, tensor in self.watched)
+
+    @staticmethod
+    def build(dense: list[tuple[Tensor, dict[str, Any]]], names: tuple[str, ...], real_view_for_complex: bool) -> _Plan:
+        blocks: list[_Block] = []
+        watched = []
+        current = _Block()
+        for index, (p, state) in enumerate(dense):
+            buffers = [state.get(name) for name in names]
+            watched.extend((state, name, buffer) for name, buffer in zip(names, buffers))
+            real = real_view_for_complex and torch.is_complex(p)
+            tensors = [p, *buffers]
+            if real:
                 tensors = [None if t is None else torch.view_as_real(t) for t in tensors]
             numel = tensors[0].numel()
             sliceable = (
                 numel > BLOCK_ELEMENTS
                 and tensors[0].dtype in _SLICEABLE_DTYPES
+                and p.grad.is_contiguous()
                 and all(t is None or t.is_contiguous() for t in tensors)
             )
             if not sliceable:
-                params.append(tensors[0])
-                grads.append(tensors[1])
-                states.append(dict(zip(names, tensors[2:])))
-                block_steps.append(step)
-                size += numel
-                if size >= BLOCK_ELEMENTS:
-                    yield params, grads, states, block_steps
-                    params, grads, states, block_steps = [], [], [], []
-                    size = 0
+                current.add(index, p, tensors[0], dict(zip(names, tensors[1:])), (True, 0, -1) if real else None)
+                if current.size >= BLOCK_ELEMENTS:
+                    blocks.append(current)
+                    current = _Block()
                 continue
-            if params:
-                yield params, grads, states, block_steps
-                params, grads, states, block_steps = [], [], [], []
-                size = 0
             flat = [None if t is None else t.view(-1) for t in tensors]
             for start in range(0, numel, BLOCK_ELEMENTS):
                 length = min(BLOCK_ELEMENTS, numel - start)
                 part = [None if t is None else t.narrow(0, start, length) for t in flat]
-                yield [part[0]], [part[1]], [dict(zip(names, part[2:]))], [step]
-        if params:
-            yield params, grads, states, block_steps
+                current.add(index, p, part[0], dict(zip(names, part[1:])), (real, start, length))
+                if current.size >= BLOCK_ELEMENTS:
+                    blocks.append(current)
+                    current = _Block()
+        if current.params:
+            blocks.append(current)
+        return _Plan(blocks, watched)

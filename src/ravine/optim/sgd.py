@@ -105,10 +105,11 @@ class SGD(RavineOptimizer):
         lr = scalar(group["lr"])
         momentum = group["momentum"]
         weight_decay = scalar(group["weight_decay"])
+        owned = False  # whether `grads` are new tensors this step may overwrite
         if group["maximize"]:
-            grads = T.negate(grads)
+            grads, owned = T.negate(grads), True
         if weight_decay != 0:
-            grads = T.add_l2_penalty(grads, params, weight_decay)
+            grads, owned = T.add_l2_penalty(grads, params, weight_decay), True
         if momentum != 0:
             buffers = [state["momentum_buffer"] for state in states]
             fresh = [i for i, step in enumerate(steps) if step == 0.0]
@@ -122,7 +123,12 @@ class SGD(RavineOptimizer):
                     )
             else:
                 T.momentum_trace_(buffers, grads, momentum, group["dampening"])
-            grads = T.nesterov_direction(grads, buffers, momentum) if group["nesterov"] else buffers
+            if not group["nesterov"]:
+                grads = buffers
+            elif owned:
+                torch._foreach_add_(grads, buffers, alpha=momentum)
+            else:
+                grads = T.nesterov_direction(grads, buffers, momentum)
         T.add_(params, grads, -lr)
 
     def sparse_update(self, group, param, grad, state) -> None:
