@@ -289,7 +289,7 @@ class _Interrupt(SweepProgress):
         self.finished += 1
 
     def run_advanced(self, key, step, loss):
-        if self.finished >= self.after_runs and step == 4:
+        if self.finished >= self.after_runs:  # Ctrl-C in the middle of the next run
             raise KeyboardInterrupt
 
 

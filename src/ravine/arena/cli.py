@@ -127,7 +127,7 @@ def compare_command(
     ),
     budget: str = typer.Option(
         "medium", "--budget", "-b",
-        help="small | medium | full: grid points (3/5/9), seeds (3/3/5) and the task's epochs.",
+        help="small | medium | full: lr grid points (4/7/13), seeds (3/5/10) and the task's epochs.",
     ),
     seeds: int = typer.Option(None, "--seeds", help="Seeds for the best setting and the defaults (default: budget's)."),
     trials: int = typer.Option(None, "--trials", help="Optuna TPE trials per optimizer instead of the lr grid."),

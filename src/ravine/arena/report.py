@@ -178,11 +178,21 @@ def _verdict(summaries: list[Summary], task: Any, target: float, percent: bool) 
     lines: list[str] = []
     metric = task.metric_name
     for mode in ("tuned", "default"):
-        group = [s for s in summaries if s.mode == mode and s.test_metric.n > 0]
-        if group:
+        finished = [s for s in summaries if s.mode == mode and s.test_metric.n > 0]
+        if finished:
             break
     else:
         return ["No run finished without diverging, so there is nothing to compare."]
+    # Rankings use the optimizers whose every seed finished; the others are named apart.
+    group = [s for s in finished if s.diverged == 0] or finished
+    for s in summaries:
+        if s.mode == mode and s.diverged:
+            lines.append(
+                f"{s.optimizer}: {s.diverged} of {s.runs} seeds diverged at lr {s.lr:.3g}"
+                + (" (chosen on seed 0, so it sits at the edge of stability)" if mode == "tuned" else "")
+                + (f"; its numbers rest on {s.runs - s.diverged} seed(s) and it is left out of the rankings."
+                   if s not in group else ".")
+            )
     mode_words = "with its learning rate tuned" if mode == "tuned" else "at default settings"
     best = max(group, key=lambda s: s.test_metric.mean if task.higher_is_better else -s.test_metric.mean)
     lines.append(
@@ -327,7 +337,7 @@ def _plot_loss_curves(rows, labels, colors, folder: Path, task_name: str) -> Pat
     lows = []
     for axis, (phase, title) in zip(axes[0], panels):
         for label in labels:
-            runs = [row for row in rows if row["phase"] == phase and row["label"] == label]
+            runs = [row for row in rows if row["phase"] == phase and row["label"] == label and row["status"] == "ok"]
             curves = [_epoch_means(row) for row in runs]
             curves = [curve for curve in curves if curve]
             if not curves:
@@ -345,7 +355,8 @@ def _plot_loss_curves(rows, labels, colors, folder: Path, task_name: str) -> Pat
     axes[0][0].set_ylabel("train loss (mean over the epoch)")
     if lows and max(lows) / max(min(lows), 1e-12) > 20:
         axes[0][0].set_yscale("log")
-    figure.suptitle(f"{task_name}: loss against epoch (mean over seeds; band: min–max)", fontsize=10)
+    figure.suptitle(f"{task_name}: loss against epoch (mean over seeds that did not diverge; band: min–max)",
+                    fontsize=10)
     return _save(figure, folder / "loss_vs_epoch.png")
 
 
@@ -355,7 +366,7 @@ def _plot_test_metric(rows, labels, colors, folder: Path, metric: str, percent: 
     scale = 100.0 if percent else 1.0
     for phase, style, suffix in (("seed", "-", "tuned"), ("default", "--", "default")):
         for label in labels:
-            runs = [row for row in rows if row["phase"] == phase and row["label"] == label]
+            runs = [row for row in rows if row["phase"] == phase and row["label"] == label and row["status"] == "ok"]
             curves = [[scale * value for value in row["test_metric"]] for row in runs if row["test_metric"]]
             if not curves:
                 continue

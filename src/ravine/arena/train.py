@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -172,9 +173,10 @@ def train(
 ) -> RunResult:
     """Train ``task``'s model from seed ``config.seed`` and return what was measured.
 
-    Timing: ``time_per_step_s`` is the mean wall time of forward + backward + clipping +
-    optimizer step + schedule (evaluation excluded); ``optimizer_step_time_s`` times
-    ``optimizer.step()`` alone. Memory: ``state_bytes`` is exact (see
+    Timing: ``time_per_step_s`` is the median wall time of forward + backward + clipping +
+    optimizer step + schedule (evaluation excluded; the median shrugs off the odd step
+    that other processes on the machine interrupt); ``optimizer_step_time_s`` is the
+    median of ``optimizer.step()`` alone; ``train_time_s`` sums every training step. Memory: ``state_bytes`` is exact (see
     :func:`optimizer_state_bytes`); ``peak_memory_bytes`` is how far the process's
     resident set rose above where it stood when the run started (Linux: the VmHWM
     high-water mark, reset at the start of the run; elsewhere ``ru_maxrss``, which
@@ -208,7 +210,8 @@ def train(
     limit = math.inf
     diverged_at: int | None = None
     state_bytes = 0
-    train_time = step_time = 0.0
+    step_durations: list[float] = []
+    optimizer_durations: list[float] = []
 
     def record_evaluation(step: int) -> bool:
         loss, metric = evaluate(task, model)
@@ -245,8 +248,8 @@ def train(
             ended = time.perf_counter()
             if scheduler is not None:
                 scheduler.step()
-            train_time += time.perf_counter() - began
-            step_time += ended - step_began
+            step_durations.append(time.perf_counter() - began)
+            optimizer_durations.append(ended - step_began)
             train_losses.append(value)
             step += 1
             if step == 1:
@@ -290,9 +293,9 @@ def train(
         test_loss=test_losses,
         test_metric=test_metrics,
         wall_time_s=time.perf_counter() - wall_start,
-        train_time_s=train_time,
-        time_per_step_s=train_time / step if step else math.nan,
-        optimizer_step_time_s=step_time / step if step else math.nan,
+        train_time_s=math.fsum(step_durations),
+        time_per_step_s=statistics.median(step_durations) if step_durations else math.nan,
+        optimizer_step_time_s=statistics.median(optimizer_durations) if optimizer_durations else math.nan,
         state_bytes=state_bytes,
         parameter_count=sum(p.numel() for p in parameters),
         parameter_bytes=sum(p.numel() * p.element_size() for p in parameters),

@@ -77,8 +77,8 @@ class Budget:
 
 BUDGETS = {
     "small": Budget("small", grid_points=4, seeds=3),
-    "medium": Budget("medium", grid_points=7, seeds=3),
-    "full": Budget("full", grid_points=13, seeds=5),
+    "medium": Budget("medium", grid_points=7, seeds=5),
+    "full": Budget("full", grid_points=13, seeds=10),
 }
 assert tuple(BUDGETS) == BUDGET_NAMES
 
