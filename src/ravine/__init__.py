@@ -6,6 +6,7 @@ optimizer specs such as ``"adamw(lr=3e-4, weight_decay=0.1)"``.
 """
 
 from ravine import schedules
+from ravine.advise import advise, lr_range_test
 from ravine.clip import ClipByGlobalNorm, ClipByValue, clip_grad_norm_, clip_grad_value_
 from ravine.optim import SGD, Adagrad, Adam, AdamW, RavineOptimizer, RMSprop
 from ravine.registry import available, create, describe, parse_spec, register
@@ -32,4 +33,6 @@ __all__ = [
     "describe",
     "parse_spec",
     "register",
+    "advise",
+    "lr_range_test",
 ]
