@@ -3,8 +3,11 @@
 Each step is forward, loss, backward, optional gradient clipping by global norm, the
 optimizer step and the learning-rate schedule. Held-out data is evaluated before the
 first step, after every epoch and after the last step. A run whose loss turns NaN or
-infinite, or rises above ``initial + divergence_factor * |initial|``, stops there and is
-recorded as diverged rather than raising.
+infinite, or stays above ``initial + divergence_factor * |initial|`` for
+``divergence_patience`` steps in a row, stops there and is recorded as diverged rather
+than raising. The patience matters: Adagrad and RMSprop at large learning rates spike
+the loss by 100x on their first step (every coordinate moves by about lr) and then
+recover, and such a run is slow to start, not divergent.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class TrainConfig:
     clip_norm: float | None = None
     seed: int = 0
     divergence_factor: float = 100.0
+    divergence_patience: int = 10
 
     def __post_init__(self) -> None:
         registry.parse_spec(self.optimizer)  # raises ValueError listing valid names
@@ -78,6 +82,8 @@ class TrainConfig:
             raise ValueError(f"clip_norm must be a finite number > 0 or None, got {self.clip_norm!r}")
         if not self.divergence_factor > 0:
             raise ValueError(f"divergence_factor must be > 0, got {self.divergence_factor!r}")
+        if not isinstance(self.divergence_patience, int) or self.divergence_patience < 1:
+            raise ValueError(f"divergence_patience must be an integer >= 1, got {self.divergence_patience!r}")
 
 
 @dataclass
@@ -209,6 +215,7 @@ def train(
     initial_loss: float | None = None
     limit = math.inf
     diverged_at: int | None = None
+    above_since: int | None = None  # first step of the current run of losses above the limit
     state_bytes = 0
     step_durations: list[float] = []
     optimizer_durations: list[float] = []
@@ -236,8 +243,14 @@ def train(
             if initial_loss is None:
                 initial_loss = value
                 limit = value + config.divergence_factor * max(abs(value), 1e-8)
-            if not math.isfinite(value) or value > limit:
-                diverged_at = step
+            if value > limit:
+                above_since = step if above_since is None else above_since
+            else:
+                above_since = None
+            if not math.isfinite(value) or (
+                above_since is not None and step - above_since + 1 >= config.divergence_patience
+            ):
+                diverged_at = step if above_since is None else above_since
                 train_losses.append(value if math.isfinite(value) else math.nan)
                 break
             loss.backward()

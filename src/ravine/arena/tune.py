@@ -164,6 +164,7 @@ class SweepConfig:
     jobs: int = 1
     threads: int = 1
     divergence_factor: float = 100.0
+    divergence_patience: int = 10
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", get_task(self.task).name)  # ValueError lists tasks
@@ -222,6 +223,7 @@ class SweepConfig:
             clip_norm=self.clip_norm,
             seed=seed,
             divergence_factor=self.divergence_factor,
+            divergence_patience=self.divergence_patience,
         )
 
 
@@ -485,6 +487,7 @@ class _Sweep:
             "schedule": config.schedule,
             "clip_norm": config.clip_norm,
             "divergence_factor": config.divergence_factor,
+            "divergence_patience": config.divergence_patience,
         }
 
     def work(
@@ -507,12 +510,19 @@ class _Sweep:
             storage=self.storage,
             direction="minimize",
             load_if_exists=True,
-            sampler=optuna.samplers.TPESampler(seed=0) if sampler else None,
+            sampler=_tpe(self.config.trials) if sampler else None,
         )
         if name not in self.study_names:
             self.study_names.append(name)
             study.set_user_attr("key", key)
         return _StudyWork(study, phase, label, spec, distributions, wanted, sampler_trials, lr)
+
+
+def _tpe(trials: int | None) -> optuna.samplers.TPESampler:
+    # TPE samples at random for its first n_startup_trials; with the few trials a 1-D lr
+    # search gets, a third of them is enough. constant_liar keeps parallel workers apart.
+    startup = min(10, max(3, (trials or 0) // 3))
+    return optuna.samplers.TPESampler(seed=0, n_startup_trials=startup, constant_liar=True)
 
 
 # ---------------------------------------------------------------------------------------
