@@ -373,7 +373,8 @@ def test_report_files_hold_one_row_per_run(tmp_path):
     assert len(document["runs"]) == len(result.rows) == 3 * (3 + 2 + 2)
     for row in document["runs"]:
         assert REQUIRED_FIELDS <= set(row)
-        assert len(row["train_loss"]) == row["steps"] + (row["status"] == "diverged")
+        # a diverged run also keeps the loss of the step that stopped it
+        assert len(row["train_loss"]) - row["steps"] in ((0,) if row["status"] == "ok" else (0, 1))
     diverged = [row for row in document["runs"] if row["status"] == "diverged"]
     assert diverged and all(row["final_train_loss"] is None for row in diverged)  # NaN -> null
     with report.csv_path.open() as handle:
@@ -439,3 +440,9 @@ def test_cli_runs_a_tiny_comparison_with_a_user_task(tmp_path):
     assert "12 runs executed, 0 read back" in result.output
     again = runner.invoke(app, arguments)
     assert "0 runs executed, 12 read back" in again.output
+
+
+def test_cli_bad_storage_url_is_an_error_not_a_traceback(tmp_path):
+    result = runner.invoke(app, ["compare", "-t", QUADRATIC, "--storage", "nosuchdb://x/y", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "cannot open storage 'nosuchdb://x/y'" in result.output and "Traceback" not in result.output

@@ -189,6 +189,7 @@ def compare_command(
             trials=trials, epochs=epochs, steps=steps, batch_size=batch_size, schedule=schedule,
             clip_norm=clip, mode=mode, out=out or Path("ravine-out") / get_task(task).name,
             storage=storage, jobs=jobs or min(2, os.cpu_count() or 1), threads=threads,
+            task_files=(tasks_from.resolve(),) if tasks_from is not None else (),
         )
     except ValueError as error:
         _fail(console, str(error))
@@ -205,6 +206,9 @@ def compare_command(
     progress = RichSweepProgress(console, entry.metric_name, percent)
     try:
         result = run_sweep(config, progress)
+    except ValueError as error:
+        progress.stop()
+        _fail(console, str(error))
     except KeyboardInterrupt:
         console.print("[yellow]Interrupted.[/] Finished runs are saved; rerun the same command to resume.")
         raise typer.Exit(code=130) from None

@@ -4,8 +4,8 @@ Each step is forward, loss, backward, optional gradient clipping by global norm,
 optimizer step and the learning-rate schedule. Held-out data is evaluated before the
 first step, after every epoch and after the last step. A run whose loss turns NaN or
 infinite, or stays above ``initial + divergence_factor * |initial|`` for
-``divergence_patience`` steps in a row, stops there and is recorded as diverged rather
-than raising. The patience matters: Adagrad and RMSprop at large learning rates spike
+``divergence_patience`` steps in a row (or until the end of the run), stops there and is
+recorded as diverged rather than raising. The patience matters: Adagrad and RMSprop at large learning rates spike
 the loss by 100x on their first step (every coordinate moves by about lr) and then
 recover, and such a run is slow to start, not divergent.
 """
@@ -273,6 +273,8 @@ def train(
             if not record_evaluation(step):
                 diverged_at = step
 
+    if diverged_at is None and above_since is not None:
+        diverged_at = above_since  # the budget ran out with the loss still far above the start
     peak_memory = max(0, _peak_memory() - memory_before)
     state_bytes = state_bytes or optimizer_state_bytes(optimizer)
     parameters = list(model.parameters())

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import multiprocessing
+import runpy
 import sys
 import time
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from ravine import registry
-from ravine.arena.tasks import BUDGET_NAMES, get_task
+from ravine.arena.tasks import BUDGET_NAMES, available_tasks, get_task
 from ravine.arena.train import SCHEDULES, TrainConfig, format_spec, train
 
 __all__ = [
@@ -144,7 +145,9 @@ class SweepConfig:
     values; ``steps`` (a step budget) wins over epochs. ``trials`` switches the search
     from the grid to that many Optuna TPE trials. ``storage`` is an Optuna storage URL;
     ``None`` means SQLite at ``<out>/study.db``. ``jobs`` runs that many trainings at once
-    in worker processes, each with ``threads`` torch threads.
+    in worker processes, each with ``threads`` torch threads; ``task_files`` are Python
+    files that register tasks, run again in worker processes that start without a copy
+    of this one (where ``fork`` is unavailable).
     """
 
     task: str = "mnist1d-mlp"
@@ -165,6 +168,7 @@ class SweepConfig:
     threads: int = 1
     divergence_factor: float = 100.0
     divergence_patience: int = 10
+    task_files: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", get_task(self.task).name)  # ValueError lists tasks
@@ -464,13 +468,17 @@ class _Sweep:
     def __init__(self, config: SweepConfig) -> None:
         self.config = config
         url = config.storage_url
-        if url.startswith("sqlite:///"):
-            Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-            self.storage = optuna.storages.RDBStorage(
-                url, engine_kwargs={"connect_args": {"timeout": 120}}
-            )
-        else:
-            self.storage = optuna.storages.RDBStorage(url)
+        try:
+            if url.startswith("sqlite:///"):
+                Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+                # a long lock timeout: several worker processes may write at once
+                self.storage = optuna.storages.RDBStorage(
+                    url, engine_kwargs={"connect_args": {"timeout": 120}}
+                )
+            else:
+                self.storage = optuna.storages.RDBStorage(url)
+        except Exception as error:  # bad URL, missing driver, unreachable server
+            raise ValueError(f"cannot open storage {url!r}: {error}") from error
         self.study_names: list[str] = []
 
     def base_key(self, spec: str) -> dict[str, Any]:
@@ -531,10 +539,13 @@ def _tpe(trials: int | None) -> optuna.samplers.TPESampler:
 _WORKER_PROGRESS: Any = None
 
 
-def _init_worker(queue: Any, threads: int) -> None:
+def _init_worker(queue: Any, threads: int, task: str, task_files: tuple[str, ...]) -> None:
     global _WORKER_PROGRESS
     _WORKER_PROGRESS = queue
     torch.set_num_threads(threads)
+    if task not in available_tasks():  # a spawned (not forked) worker: register user tasks again
+        for path in task_files:
+            runpy.run_path(path, run_name="ravine_user_tasks")
 
 
 def _execute(
@@ -588,7 +599,7 @@ def run_sweep(config: SweepConfig, progress: SweepProgress | None = None) -> Swe
         queue = context.Queue()
         executor: Any = concurrent.futures.ProcessPoolExecutor(
             max_workers=config.jobs, mp_context=context, initializer=_init_worker,
-            initargs=(queue, config.threads),
+            initargs=(queue, config.threads, config.task, tuple(str(path) for path in config.task_files)),
         )
     else:
         torch.set_num_threads(config.threads)
