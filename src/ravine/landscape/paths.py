@@ -26,7 +26,7 @@ import inspect
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -184,7 +184,6 @@ class Path:
     grad_norms: np.ndarray
     diverged_at: int | None = None
     divergence: str | None = None
-    noise_seed: int | None = field(default=None, repr=False)
 
     @property
     def diverged(self) -> bool:
