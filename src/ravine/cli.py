@@ -11,6 +11,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+@app.callback()
+def _ravine() -> None:
+    """ravine: an optimizer lab for PyTorch."""
+    # A callback keeps every command a sub-command, however many are registered.
+
+
 # Sub-commands register themselves below, one line each.
 from ravine.arena.cli import compare_command  # noqa: E402
 app.command("compare")(compare_command)

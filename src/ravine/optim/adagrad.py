@@ -38,6 +38,9 @@ class Adagrad(RavineOptimizer):
 
     supports_sparse = True
 
+    #: Each coordinate is updated from its own gradient and state alone.
+    elementwise = True
+
     def __init__(
         self,
         params: Any,

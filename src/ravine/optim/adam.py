@@ -43,6 +43,9 @@ class Adam(RavineOptimizer):
         to the gradient.
     """
 
+    #: Each coordinate is updated from its own gradient and state alone.
+    elementwise = True
+
     def __init__(
         self,
         params: Any,

@@ -37,6 +37,9 @@ class RMSprop(RavineOptimizer):
         maximize: ascend instead of descend.
     """
 
+    #: Each coordinate is updated from its own gradient and state alone.
+    elementwise = True
+
     def __init__(
         self,
         params: Any,

@@ -45,6 +45,9 @@ class SGD(RavineOptimizer):
     real_view_for_complex = False
     supports_sparse = True
 
+    #: Each coordinate is updated from its own gradient and state alone.
+    elementwise = True
+
     def __init__(
         self,
         params: Any,
