@@ -129,7 +129,7 @@ def test_register_task_then_train_it():
     assert get_task("test-blobs") is task and "test-blobs" in available_tasks()
     with pytest.raises(ValueError, match="already registered"):
         register_task(blobs_task())
-    result = train("test-blobs", TrainConfig("adam(lr=0.05)", epochs=8))
+    result = train("test-blobs", TrainConfig("adam(lr=0.05)", epochs=5))
     assert result.status == "ok"
     assert result.final_test_metric > 0.8
 
@@ -367,10 +367,10 @@ REQUIRED_FIELDS = {
 
 
 def test_report_files_hold_one_row_per_run(tmp_path):
-    result = run_sweep(tiny(tmp_path, optimizers=("sgd", "momentum", "adam"), grid_points=3))
+    result = run_sweep(tiny(tmp_path, optimizers=("sgd", "adam"), grid_points=3))
     report = write_report(result)
     document = json.loads(report.json_path.read_text())
-    assert len(document["runs"]) == len(result.rows) == 3 * (3 + 2 + 2)
+    assert len(document["runs"]) == len(result.rows) == 2 * (3 + 2 + 2)
     for row in document["runs"]:
         assert REQUIRED_FIELDS <= set(row)
         # a diverged run also keeps the loss of the step that stopped it
@@ -384,9 +384,9 @@ def test_report_files_hold_one_row_per_run(tmp_path):
     assert page.count("data:image/png;base64,") == len(report.figures) == 5
     assert "src=\"http" not in page and "<script" not in page  # opens offline
     assert "Verdict" in page and report.verdict
-    assert any("sgd" in line or "momentum" in line or "adam" in line for line in report.verdict)
+    assert any("sgd" in line or "adam" in line for line in report.verdict)
     tuned = [s for s in report.summaries if s.mode == "tuned"]
-    assert [s.optimizer for s in tuned] == ["sgd", "momentum", "adam"]
+    assert [s.optimizer for s in tuned] == ["sgd", "adam"]
     assert all(s.test_metric.n == 2 for s in tuned)
 
 
@@ -433,13 +433,14 @@ def test_cli_runs_a_tiny_comparison_with_a_user_task(tmp_path):
     )
     out = tmp_path / "cli"
     arguments = ["compare", "--tasks-from", str(plugin), "--task", "cli-sum-sign", "-o", "sgd,adam",
-                 "--budget", "small", "--grid-points", "2", "--seeds", "2", "--steps", "10", "--out", str(out)]
+                 "--budget", "small", "--grid-points", "2", "--seeds", "2", "--steps", "10",
+                 "--mode", "tuned", "--jobs", "1", "--out", str(out)]
     result = runner.invoke(app, arguments)
     assert result.exit_code == 0, result.output
     assert "Report:" in result.output and (out / "report.html").exists()
-    assert "12 runs executed, 0 read back" in result.output
+    assert "8 runs executed, 0 read back" in result.output
     again = runner.invoke(app, arguments)
-    assert "0 runs executed, 12 read back" in again.output
+    assert "0 runs executed, 8 read back" in again.output
 
 
 def test_cli_bad_storage_url_is_an_error_not_a_traceback(tmp_path):

@@ -329,6 +329,8 @@ class _StudyWork:
         return len(self.complete) >= (self.sampler_trials or 0)
 
     def next_trial(self) -> optuna.Trial | None:
+        if self.done():
+            return None  # finished trials never change: no need to read the study again
         self.refresh()
         finished = {_key(trial.params) for trial in self.complete}
         if self.wanted is not None:
