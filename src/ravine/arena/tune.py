@@ -273,6 +273,8 @@ def _key(params: dict[str, Any]) -> tuple:
 
 
 class _StudyWork:
+    """The trials one study should hold, and which of them this process may run next."""
+
     def __init__(
         self,
         study: optuna.Study,
@@ -282,7 +284,6 @@ class _StudyWork:
         distributions: dict[str, Any],
         wanted: list[dict[str, Any]] | None = None,
         sampler_trials: int | None = None,
-        lr: float | None = None,
     ) -> None:
         self.study = study
         self.phase = phase
@@ -291,7 +292,6 @@ class _StudyWork:
         self.distributions = distributions
         self.wanted = wanted
         self.sampler_trials = sampler_trials
-        self.lr = lr
         self.claimed: set[tuple] = set()  # keys this process is running now
         self.complete: list[optuna.trial.FrozenTrial] = []
         self.active_keys: set[tuple] = set()
@@ -373,6 +373,8 @@ def _fail(study: optuna.Study, trial: Any) -> None:
 
 
 class _OptimizerPlan:
+    """One optimizer's studies: lr search, then seeds at the best lr; defaults beside."""
+
     def __init__(self, sweep: _Sweep, label: str) -> None:
         self.sweep = sweep
         self.label = label
@@ -433,7 +435,7 @@ class _OptimizerPlan:
             self.confirm = self.sweep.work(
                 "seed", self.label, self.spec, {"search": self.search_key(), "lr": best},
                 {"lr": FloatDistribution(best / 2, best * 2, log=True), "seed": IntDistribution(0, 1_000_000)},
-                wanted=[{"lr": best, "seed": seed} for seed in self.seeds], lr=best,
+                wanted=[{"lr": best, "seed": seed} for seed in self.seeds],
             )
         return self.confirm
 
@@ -443,8 +445,7 @@ class _OptimizerPlan:
         return {"search": "grid", "lrs": self.grid} if self.grid else {"search": "tpe"}
 
     def units(self) -> list[_StudyWork]:
-        units = [unit for unit in (self.search, self.confirmation(), self.defaults) if unit]
-        return units
+        return [unit for unit in (self.search, self.confirmation(), self.defaults) if unit]
 
     def done(self) -> bool:
         if self.tuned and self.confirmation() is None:
@@ -510,7 +511,6 @@ class _Sweep:
         wanted: list[dict[str, Any]] | None = None,
         sampler_trials: int | None = None,
         sampler: bool = False,
-        lr: float | None = None,
     ) -> _StudyWork:
         key = {**self.base_key(spec), "phase": phase, **extra}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=repr).encode()).hexdigest()[:12]
@@ -525,7 +525,7 @@ class _Sweep:
         if name not in self.study_names:
             self.study_names.append(name)
             study.set_user_attr("key", key)
-        return _StudyWork(study, phase, label, spec, distributions, wanted, sampler_trials, lr)
+        return _StudyWork(study, phase, label, spec, distributions, wanted, sampler_trials)
 
 
 def _tpe(trials: int | None) -> optuna.samplers.TPESampler:
