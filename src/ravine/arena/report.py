@@ -18,6 +18,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
@@ -309,6 +310,16 @@ def _save(figure: plt.Figure, path: Path) -> Path:
     return path
 
 
+def _plain_log_ticks(axis: Any) -> None:
+    """Tick labels 0.3, 1, 3 rather than 3x10^-1 on a log axis."""
+    def label(value: float, _position: int) -> str:
+        leading = f"{value:.0e}"[0]
+        return f"{value:g}" if leading in "1235" else ""  # 2, 3 and 5 between the decades
+
+    axis.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(label))
+    axis.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(label))
+
+
 def _epoch_means(row: dict[str, Any]) -> list[float]:
     losses = row["train_loss"][: row["steps"]]
     size = row["steps_per_epoch"]
@@ -350,11 +361,13 @@ def _plot_loss_curves(rows, labels, colors, folder: Path, task_name: str) -> Pat
             lows.extend(value for value in mean if value > 0)
         axis.set_title(f"Train loss, {title}")
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     axes[0][0].set_ylabel("train loss (mean over the epoch)")
     if lows and max(lows) / max(min(lows), 1e-12) > 20:
         axes[0][0].set_yscale("log")
+        _plain_log_ticks(axes[0][0])
     figure.suptitle(f"{task_name}: loss against epoch (mean over seeds that did not diverge; band: min–max)",
                     fontsize=10)
     return _save(figure, folder / "loss_vs_epoch.png")
@@ -413,6 +426,7 @@ def _plot_sensitivity(rows, labels, colors, folder: Path, best_lr: dict[str, flo
     axis.set_xscale("log")
     if finite and ceiling / max(floor, 1e-12) > 20:
         axis.set_yscale("log")
+        _plain_log_ticks(axis)
     axis.axhline(ceiling, color="grey", linewidth=0.5, linestyle=":")
     axis.text(0.01, 0.97, "x on the dotted line: diverged;  circle: chosen lr", transform=axis.transAxes,
               fontsize=8, va="top")
