@@ -226,11 +226,11 @@ def _verdict(summaries: list[Summary], task: Any, target: float, percent: bool) 
         missing = [s.optimizer for s in group if s.steps_to_target is None or s.reached_target < s.runs]
         text = (
             f"Fastest to train loss {target:.3g}: {fastest.optimizer}, in {fastest.steps_to_target:.0f} steps "
-            f"({fastest.seconds_to_target:.2f} s of training)"
+            f"({fastest.seconds_to_target:.3g} s of training)"
         )
         slowest = max(reached, key=lambda s: s.seconds_to_target)
         if slowest is not fastest:
-            text += f"; {slowest.optimizer} needed {slowest.steps_to_target:.0f} steps ({slowest.seconds_to_target:.2f} s)"
+            text += f"; {slowest.optimizer} needed {slowest.steps_to_target:.0f} steps ({slowest.seconds_to_target:.3g} s)"
         text += "."
         if missing:
             text += f" Not reached by every seed of: {', '.join(missing)}."
@@ -523,7 +523,7 @@ def _table(summaries: list[Summary], mode: str, percent: bool, metric: str, tune
     for s in group:
         lr = f"{s.lr:.3g}" + (" (grid edge)" if s.lr_at_grid_edge else "")
         reached = "—" if s.steps_to_target is None else f"{s.steps_to_target:.0f} ({s.reached_target}/{s.runs})"
-        seconds = "—" if s.seconds_to_target is None else f"{s.seconds_to_target:.2f}"
+        seconds = "—" if s.seconds_to_target is None else f"{s.seconds_to_target:.3g}"
         cells = [s.optimizer, lr, f"{s.runs} ({s.diverged})", s.final_train_loss.format(digits=4),
                  _format_interval(s.test_metric, percent), reached, seconds,
                  f"{1e3 * s.time_per_step_s:.2f}", f"{1e3 * s.optimizer_step_time_s:.3f}",
