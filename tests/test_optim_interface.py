@@ -236,3 +236,24 @@ def test_grad_scaler_unscales_before_the_step(case):
 def test_differentiable_is_refused_clearly():
     with pytest.raises(ValueError, match="differentiable"):
         ravine.Adam(make_model().parameters(), differentiable=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_parameter_storage_swapped_between_steps(case):
+    """``p.data = ...`` between steps (as pruning or dtype moves do) is honoured: the
+    optimizer updates the new storage, as torch.optim does."""
+    big = 300_000  # large enough to be cut into slices
+    ours = [torch.nn.Parameter(torch.ones(big)), torch.nn.Parameter(torch.ones(3))]
+    theirs = [torch.nn.Parameter(torch.ones(big)), torch.nn.Parameter(torch.ones(3))]
+    optimizers = [case.ravine_cls(ours, lr=0.1), case.torch_cls(theirs, lr=0.1)]
+    for step in range(3):
+        for params, optimizer in zip((ours, theirs), optimizers):
+            if step == 2:
+                for p in params:
+                    p.data = torch.full_like(p.data, 2.0)
+            for p in params:
+                p.grad = torch.full_like(p, 0.5)
+            optimizer.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=0.0)
+    assert float(ours[0][0]) != 1.0

@@ -126,6 +126,10 @@ class RavineOptimizer(torch.optim.Optimizer):
         """Names of the per-parameter state tensors the update rule reads and writes."""
         return ()
 
+    def block_elements(self, group: dict[str, Any]) -> int:
+        """About how many elements one call of :meth:`update` should see."""
+        return BLOCK_ELEMENTS
+
     def advance_steps(self, group: dict[str, Any], dense: list[tuple[Tensor, dict[str, Any]]]) -> list[float]:
         """Count this step in each parameter's state; return the counts after it.
 
@@ -134,9 +138,10 @@ class RavineOptimizer(torch.optim.Optimizer):
         """
         step_tensors = [state["step"] for _, state in dense]
         torch._foreach_add_(step_tensors, 1)
-        if all(t.device.type == "cpu" and t.dtype == step_tensors[0].dtype for t in step_tensors):
+        try:
             return torch.stack(step_tensors).tolist()  # one read instead of one per tensor
-        return [t.item() for t in step_tensors]
+        except RuntimeError:  # counts on several devices or in several dtypes
+            return [t.item() for t in step_tensors]
 
     def check_sparse_grad(self, group: dict[str, Any], param: Tensor) -> None:
         """Raise if ``param``'s sparse gradient cannot be used with ``group``'s options."""
@@ -260,11 +265,12 @@ class RavineOptimizer(torch.optim.Optimizer):
     def _plan_for(self, group: dict[str, Any], dense: list[tuple[Tensor, dict[str, Any]]]) -> _Plan:
         """The group's block plan, rebuilt when its parameters or state tensors change."""
         names = self.state_names(group)
-        key = (id(group), names, tuple(id(p) for p, _ in dense))
+        block_elements = self.block_elements(group)
+        key = (id(group), names, block_elements, tuple(id(p) for p, _ in dense))
         plans = self.__dict__.setdefault("_plans", {})
         plan = plans.get(key)
         if plan is None or not plan.still_valid(dense):
-            plan = _Plan.build(dense, names, self.real_view_for_complex)
+            plan = _Plan.build(dense, names, self.real_view_for_complex, block_elements)
             if len(plans) > 64:
                 plans.clear()
             plans[key] = plan
@@ -317,15 +323,25 @@ class _Plan:
     state tensor is replaced (``load_state_dict``, a new buffer).
     """
 
-    def __init__(self, blocks: list[_Block], watched: list[tuple[dict[str, Any], str, Tensor]]) -> None:
+    def __init__(self, blocks: list[_Block], watched: list[tuple[dict[str, Any], str, Tensor]], pointers) -> None:
         self.blocks = blocks
         self.watched = watched
+        self.pointers = pointers
 
     def still_valid(self, dense: list[tuple[Tensor, dict[str, Any]]]) -> bool:
-        return all(state.get(name) is tensor for state, name, tensor in self.watched)
+        # A parameter whose storage was swapped (``p.data = ...``, a dtype or device
+        # move) or a state tensor that was replaced makes the cached views stale.
+        return all(p.data_ptr() == pointer for p, pointer in self.pointers) and all(
+            state.get(name) is tensor for state, name, tensor in self.watched
+        )
 
     @staticmethod
-    def build(dense: list[tuple[Tensor, dict[str, Any]]], names: tuple[str, ...], real_view_for_complex: bool) -> _Plan:
+    def build(
+        dense: list[tuple[Tensor, dict[str, Any]]],
+        names: tuple[str, ...],
+        real_view_for_complex: bool,
+        block_elements: int,
+    ) -> _Plan:
         blocks: list[_Block] = []
         watched = []
         current = _Block()
@@ -338,25 +354,25 @@ class _Plan:
                 tensors = [None if t is None else torch.view_as_real(t) for t in tensors]
             numel = tensors[0].numel()
             sliceable = (
-                numel > BLOCK_ELEMENTS
+                numel > block_elements
                 and tensors[0].dtype in _SLICEABLE_DTYPES
                 and p.grad.is_contiguous()
                 and all(t is None or t.is_contiguous() for t in tensors)
             )
             if not sliceable:
                 current.add(index, p, tensors[0], dict(zip(names, tensors[1:])), (True, 0, -1) if real else None)
-                if current.size >= BLOCK_ELEMENTS:
+                if current.size >= block_elements:
                     blocks.append(current)
                     current = _Block()
                 continue
             flat = [None if t is None else t.view(-1) for t in tensors]
-            for start in range(0, numel, BLOCK_ELEMENTS):
-                length = min(BLOCK_ELEMENTS, numel - start)
+            for start in range(0, numel, block_elements):
+                length = min(block_elements, numel - start)
                 part = [None if t is None else t.narrow(0, start, length) for t in flat]
                 current.add(index, p, part[0], dict(zip(names, part[1:])), (real, start, length))
-                if current.size >= BLOCK_ELEMENTS:
+                if current.size >= block_elements:
                     blocks.append(current)
                     current = _Block()
         if current.params:
             blocks.append(current)
-        return _Plan(blocks, watched)
+        return _Plan(blocks, watched, [(p, p.data_ptr()) for p, _ in dense])

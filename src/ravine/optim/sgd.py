@@ -90,6 +90,13 @@ class SGD(RavineOptimizer):
     def state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
+    def block_elements(self, group: dict[str, Any]) -> int:
+        # Plain SGD reads each tensor once, so cache-sized blocks gain nothing and
+        # one call over every tensor saves the per-call cost.
+        if group["momentum"] == 0 and group["weight_decay"] == 0 and not group["maximize"]:
+            return 1 << 62
+        return super().block_elements(group)
+
     def advance_steps(self, group: dict[str, Any], dense: list[tuple[Tensor, dict[str, Any]]]) -> list[float]:
         # SGD keeps no step count; 0 marks a momentum buffer created by this step,
         # which starts as a copy of the gradient.
