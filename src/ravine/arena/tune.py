@@ -294,7 +294,8 @@ class _StudyWork:
         self.sampler_trials = sampler_trials
         self.claimed: set[tuple] = set()  # keys this process is running now
         self.complete: list[optuna.trial.FrozenTrial] = []
-        self.active_keys: set[tuple] = set()
+        self.running_keys: set[tuple] = set()  # trials other workers are training now
+        self.waiting_keys: set[tuple] = set()  # queued trials nobody has taken yet
         self.refresh()
 
     @property
@@ -303,7 +304,7 @@ class _StudyWork:
 
     def refresh(self) -> None:
         now = datetime.datetime.now()
-        complete, active = [], set()
+        complete, running, waiting = [], set(), set()
         for trial in self.study.get_trials(deepcopy=False):
             if trial.state == TrialState.COMPLETE:
                 complete.append(trial)
@@ -313,14 +314,21 @@ class _StudyWork:
                 if now.timestamp() - last > STALE_AFTER_S:
                     _fail(self.study, trial)  # its worker stopped: the trial will be rerun
                 else:
-                    active.add(_key(trial.params))
+                    running.add(_key(trial.params))
             elif trial.state == TrialState.WAITING:
-                active.add(_key(trial.system_attrs.get("fixed_params", {})))
+                waiting.add(_key(trial.system_attrs.get("fixed_params", {})))
         if self.wanted is not None:
+            # Two workers that queue the same missing trial at the same instant both run
+            # it; the first finished copy (lowest number) is the one that counts.
             wanted = {_key(params) for params in self.wanted}
-            complete = [trial for trial in complete if _key(trial.params) in wanted]
+            first: dict[tuple, optuna.trial.FrozenTrial] = {}
+            for trial in sorted(complete, key=lambda t: t.number):
+                if _key(trial.params) in wanted:
+                    first.setdefault(_key(trial.params), trial)
+            complete = list(first.values())
         self.complete = complete
-        self.active_keys = active
+        self.running_keys = running
+        self.waiting_keys = waiting
 
     def done(self) -> bool:
         if self.wanted is not None:
@@ -338,19 +346,23 @@ class _StudyWork:
                 params
                 for params in self.wanted
                 if _key(params) not in finished
-                and _key(params) not in self.active_keys
+                and _key(params) not in self.running_keys
                 and _key(params) not in self.claimed
             ]
             if not missing:
                 return None
-            self.study.enqueue_trial(missing[0])
+            if not any(_key(params) in self.waiting_keys for params in missing):
+                self.study.enqueue_trial(missing[0])
+            # ask() takes the oldest queued trial: ours, or one a worker queued and left.
             trial = self.study.ask(self.distributions)
-            if _key(trial.params) not in {_key(params) for params in self.wanted}:
-                # Another worker took the queued trial first; this one was sampled.
+            key = _key(trial.params)
+            if key not in {_key(params) for params in self.wanted} or key in finished:
+                # Another worker took the queued trial first and this one was sampled,
+                # or it popped a stale duplicate of a finished trial: give it back.
                 self.study.tell(trial, state=TrialState.PRUNED)
                 return None
         else:
-            running = len(self.active_keys) + len(self.claimed)
+            running = len(self.running_keys) + len(self.claimed)
             if len(self.complete) + running >= (self.sampler_trials or 0):
                 return None
             trial = self.study.ask(self.distributions)
@@ -467,21 +479,27 @@ class _OptimizerPlan:
         return None
 
 
+def _open_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """The Optuna storage at ``url``; SQLite files get a long lock timeout, since several
+    worker processes may write at once."""
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
+    for attempt in range(1, attempts + 1):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except Exception as error:  # bad URL, missing driver, unreachable server
+            # Workers that start together race to create the schema; the loser retries.
+            if attempt == attempts or "UNIQUE constraint" not in str(error) and "already exists" not in str(error):
+                raise ValueError(f"cannot open storage {url!r}: {error}") from error
+            time.sleep(0.2 * attempt)
+    raise AssertionError("unreachable")
+
+
 class _Sweep:
     def __init__(self, config: SweepConfig) -> None:
         self.config = config
-        url = config.storage_url
-        try:
-            if url.startswith("sqlite:///"):
-                Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-                # a long lock timeout: several worker processes may write at once
-                self.storage = optuna.storages.RDBStorage(
-                    url, engine_kwargs={"connect_args": {"timeout": 120}}
-                )
-            else:
-                self.storage = optuna.storages.RDBStorage(url)
-        except Exception as error:  # bad URL, missing driver, unreachable server
-            raise ValueError(f"cannot open storage {url!r}: {error}") from error
+        self.storage = _open_storage(config.storage_url)
         self.study_names: list[str] = []
 
     def base_key(self, spec: str) -> dict[str, Any]:
@@ -638,24 +656,24 @@ def run_sweep(config: SweepConfig, progress: SweepProgress | None = None) -> Swe
                 unit.release(trial)
                 error = future.exception()
                 if error is not None:
-                    unit.study.tell(trial, state=TrialState.FAIL)
+                    _give_back(unit, trial)
                     raise error
                 row = future.result()
-                trial.set_user_attr("run", row)
                 value = row["final_train_loss"] if row["status"] == "ok" else math.inf
-                unit.study.tell(trial, value if math.isfinite(value) else math.inf)
+                try:
+                    trial.set_user_attr("run", row)
+                    unit.study.tell(trial, value if math.isfinite(value) else math.inf)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    pass  # another worker took the same queued trial and finished it first
                 executed += 1
                 progress.run_finished(key, _row(row, unit, trial))
             if time.monotonic() - last_beat > HEARTBEAT_INTERVAL_S:
                 last_beat = time.monotonic()
                 for unit, trial, _ in inflight.values():
-                    trial.set_user_attr("heartbeat", time.time())
+                    _beat(trial)
     except BaseException:
         for unit, trial, _ in inflight.values():
-            try:
-                unit.study.tell(trial, state=TrialState.FAIL)
-            except Exception:
-                pass
+            _give_back(unit, trial)
         executor.shutdown(wait=False, cancel_futures=True)
         raise
     finally:
@@ -675,7 +693,7 @@ def _submit(
     progress: SweepProgress,
 ) -> concurrent.futures.Future:
     try:
-        trial.set_user_attr("heartbeat", time.time())
+        _beat(trial)
         lr = trial.params.get("lr") if unit.phase != "default" else None
         train_config = config.train_config(unit.spec, lr, int(trial.params.get("seed", 0)))
         total = train_config.steps or train_config.epochs * math.ceil(num_train / train_config.batch_size)
@@ -690,14 +708,29 @@ def _submit(
                 progress.run_advanced(key, step, loss)
             if time.monotonic() - last_beat > HEARTBEAT_INTERVAL_S:
                 last_beat = time.monotonic()  # a long in-process run must not look stale
-                trial.set_user_attr("heartbeat", time.time())
+                _beat(trial)
 
         return executor.submit(_execute, config.task, train_config, key, advance)
     except BaseException:
         # Ctrl-C during an in-process run lands here: free the trial for the next call.
         unit.release(trial)
-        unit.study.tell(trial, state=TrialState.FAIL)
+        _give_back(unit, trial)
         raise
+
+
+def _give_back(unit: _StudyWork, trial: optuna.Trial) -> None:
+    """Mark an unfinished trial failed, so that the next call runs it again."""
+    try:
+        unit.study.tell(trial, state=TrialState.FAIL)
+    except Exception:  # finished meanwhile by a worker that took the same queued trial
+        pass
+
+
+def _beat(trial: optuna.Trial) -> None:
+    try:
+        trial.set_user_attr("heartbeat", time.time())
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass  # finished by a worker that took the same queued trial
 
 
 def _drain(queue: Any, progress: SweepProgress) -> None:
