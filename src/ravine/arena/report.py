@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import datetime
 import html
-import io
 import math
 import platform
 import statistics
@@ -24,7 +23,6 @@ import torch  # noqa: E402
 
 from ravine.arena.results import (  # noqa: E402
     Summary,
-    confidence_interval,
     steps_to_target,
     summarize,
     write_csv,
