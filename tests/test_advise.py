@@ -347,7 +347,7 @@ def test_parse_size_rejects(text):
 
 
 def test_split_specs_keeps_arguments_together():
-    assert split_specs("adam(betas=(0.9, 0.99)), sgd ,momentum(lr=[1, 2]),") == [
+    assert split_specs("adam(betas=(0.9, 0.99)), sgd ,momentum(lr=[1, 2])") == [
         "adam(betas=(0.9, 0.99))", "sgd", "momentum(lr=[1, 2])",
     ]
 

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from ravine import registry
+from ravine.registry import split_specs
 
 __all__ = [
     "Advice",
@@ -625,25 +626,6 @@ def format_bytes(count: int | float) -> str:
         if abs(count) >= size:
             return f"{count / size:.3g} {unit}"
     return f"{int(count)} B"
-
-
-def split_specs(text: str) -> list[str]:
-    """Split ``"adam(betas=(0.9, 0.99)), sgd"`` at the commas outside brackets."""
-    if not isinstance(text, str):
-        raise ValueError(f"optimizers must be a string of comma-separated specs, got {text!r}")
-    specs, depth, current = [], 0, []
-    for character in text:
-        if character in "([":
-            depth += 1
-        elif character in ")]":
-            depth -= 1
-        if character == "," and depth == 0:
-            specs.append("".join(current).strip())
-            current = []
-        else:
-            current.append(character)
-    specs.append("".join(current).strip())
-    return [spec for spec in specs if spec]
 
 
 # --------------------------------------------------------------------------------------

@@ -51,25 +51,21 @@ def advise_command(
     import torch
     from rich.console import Console
 
-    from ravine import advise as advisor
+    from ravine.advise import advise, parse_duration, parse_size
+    from ravine.registry import split_specs
     from ravine import registry
     from ravine.arena.tasks import get_task
 
     chosen_task = _checked("--task", get_task, task)
     specs = None
     if optimizers is not None:
-        specs = _checked("--optimizers", advisor.split_specs, optimizers)
-        if not specs:
-            raise typer.BadParameter(
-                f"name at least one optimizer; valid names: {', '.join(registry.available())}",
-                param_hint="'--optimizers'",
-            )
+        specs = _checked("--optimizers", split_specs, optimizers)
         for spec in specs:
             _checked("--optimizers", registry.parse_spec, spec)
     if batch_size < 1:
         raise typer.BadParameter(f"must be an integer >= 1, got {batch_size}", param_hint="'--batch-size'")
-    memory_bytes = None if memory_budget is None else _checked("--memory-budget", advisor.parse_size, memory_budget)
-    time_ms = None if time_budget is None else _checked("--time-budget", advisor.parse_duration, time_budget)
+    memory_bytes = None if memory_budget is None else _checked("--memory-budget", parse_size, memory_budget)
+    time_ms = None if time_budget is None else _checked("--time-budget", parse_duration, time_budget)
     if time_ms is not None and time_ms <= 0:
         raise typer.BadParameter(f"must be > 0, got {time_budget!r}", param_hint="'--time-budget'")
     if range_steps != 0 and not 10 <= range_steps <= 100_000:
@@ -96,7 +92,7 @@ def advise_command(
         return data.train_inputs[indices], data.train_targets[indices]
 
     with console.status(f"Measuring optimizers on {chosen_task.name} ..."):
-        advice = advisor.advise(
+        advice = advise(
             chosen_task.make_model(seed),
             chosen_task.loss_fn,
             next_batch,

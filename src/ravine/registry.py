@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["OptimizerEntry", "available", "create", "describe", "get", "parse_spec", "register"]
+__all__ = ["OptimizerEntry", "available", "create", "describe", "get", "parse_spec", "register", "split_specs"]
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,32 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
                 ) from None
     _check_arguments(entry, kwargs, spec)
     return entry.name, kwargs
+
+
+def split_specs(text: str) -> list[str]:
+    """Split a list such as ``"sgd(lr=0.02, momentum=0.9), adam"`` at the commas
+    outside brackets; ``ValueError`` for unbalanced brackets or empty entries."""
+    if not isinstance(text, str):
+        raise ValueError(f"optimizers must be a string of comma-separated specs, got {text!r}")
+    specs, depth, current = [], 0, []
+    for character in text:
+        if character in "([":
+            depth += 1
+        elif character in ")]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"optimizers {text!r}: unbalanced ')'")
+        if character == "," and depth == 0:
+            specs.append("".join(current).strip())
+            current = []
+        else:
+            current.append(character)
+    if depth != 0:
+        raise ValueError(f"optimizers {text!r}: unbalanced '('")
+    specs.append("".join(current).strip())
+    if any(not spec for spec in specs):
+        raise ValueError(f"optimizers {text!r}: empty entry; separate specs with single commas")
+    return specs
 
 
 def create(

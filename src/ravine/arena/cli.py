@@ -23,29 +23,13 @@ from rich.progress import (
 from rich.table import Table
 
 from ravine import registry
+from ravine.registry import split_specs
 from ravine.arena.report import write_report
 from ravine.arena.tasks import available_tasks, get_task
 from ravine.arena.train import SCHEDULES
 from ravine.arena.tune import BUDGETS, MODES, SEED_OPTIMIZERS, SweepConfig, SweepProgress, run_sweep
 
-__all__ = ["RichSweepProgress", "compare_command", "split_specs"]
-
-
-def split_specs(text: str) -> list[str]:
-    """Split ``"sgd, adamw(lr=3e-4, betas=(0.9, 0.95))"`` on the commas outside brackets."""
-    specs, depth, current = [], 0, []
-    for character in text:
-        if character in "([":
-            depth += 1
-        elif character in ")]":
-            depth -= 1
-        if character == "," and depth == 0:
-            specs.append("".join(current).strip())
-            current = []
-        else:
-            current.append(character)
-    specs.append("".join(current).strip())
-    return [spec for spec in specs if spec]
+__all__ = ["RichSweepProgress", "compare_command"]
 
 
 class RichSweepProgress(SweepProgress):

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ravine import registry
+from ravine.clip import clip_grad_norm_
 from ravine.arena.tasks import Task, get_task
 
 __all__ = [
@@ -255,7 +256,7 @@ def train(
                 break
             loss.backward()
             if config.clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+                clip_grad_norm_(model.parameters(), config.clip_norm)
             step_began = time.perf_counter()
             optimizer.step()
             ended = time.perf_counter()

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ravine import registry
+from ravine.registry import split_specs
 from ravine.landscape.functions import Point, TestFunction, as_test_function
 
 __all__ = [
@@ -138,29 +139,6 @@ def as_optimizer_list(optimizers: Any) -> list[Any]:
 
 def _is_pair(value: Any) -> bool:
     return isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict)
-
-
-def split_specs(text: str) -> list[str]:
-    """Split ``"sgd(lr=0.02, momentum=0.9),adam"`` on commas outside parentheses."""
-    specs, depth, current = [], 0, []
-    for character in text:
-        if character in "([":
-            depth += 1
-        elif character in ")]":
-            depth -= 1
-            if depth < 0:
-                raise ValueError(f"optimizers {text!r}: unbalanced ')'")
-        if character == "," and depth == 0:
-            specs.append("".join(current).strip())
-            current = []
-        else:
-            current.append(character)
-    if depth != 0:
-        raise ValueError(f"optimizers {text!r}: unbalanced '('")
-    specs.append("".join(current).strip())
-    if any(not spec for spec in specs):
-        raise ValueError(f"optimizers {text!r}: empty entry; separate specs with single commas")
-    return specs
 
 
 @dataclass(frozen=True, eq=False)
