@@ -177,10 +177,9 @@ class RavineOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             self.check_group(group)
             params = [p for p in group["params"] if p.grad is not None]
-            self._check_sparse(group, params)
-            work.append((group, params))
+            work.append((group, params, self._check_sparse(group, params)))
         if self.gradient_transforms:
-            all_grads = [p.grad for _, params in work for p in params if not p.grad.is_sparse]
+            all_grads = [p.grad for _, params, _ in work for p in params if not p.grad.is_sparse]
             for transform in self.gradient_transforms:
                 check = getattr(transform, "check", None)
                 if check is not None:
@@ -190,9 +189,9 @@ class RavineOptimizer(torch.optim.Optimizer):
         if self.gradient_transforms:
             for transform in self.gradient_transforms:
                 transform(all_grads)
-        for group, params in work:
+        for group, params, has_sparse in work:
             if params:
-                self._update_group(group, params)
+                self._update_group(group, params, has_sparse)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -214,16 +213,18 @@ class RavineOptimizer(torch.optim.Optimizer):
             if group.get(option) is not None:
                 check_flag(option, group[option])
 
-    def _check_sparse(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    def _check_sparse(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        """Raise for sparse gradients the rule cannot take; return whether any is sparse."""
         # torch itself refuses a .grad of the wrong shape, dtype or device; what is
         # left to check is the layout.
-        for p in params:
-            if p.grad.is_sparse:
-                if not self.supports_sparse:
-                    raise RuntimeError(
-                        f"{type(self).__name__} does not support sparse gradients (optimizers that do: SGD, Adagrad)"
-                    )
-                self.check_sparse_grad(group, p)
+        sparse = [p for p in params if p.grad.is_sparse]
+        for p in sparse:
+            if not self.supports_sparse:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients (optimizers that do: SGD, Adagrad)"
+                )
+            self.check_sparse_grad(group, p)
+        return bool(sparse)
 
     def _state_of(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
         state = self.state.get(p)
@@ -244,37 +245,34 @@ class RavineOptimizer(torch.optim.Optimizer):
             return torch.zeros((), dtype=torch.float32 if group.get("fused") else dtype, device=p.device)
         return torch.tensor(0.0, dtype=dtype)
 
-    def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        if self.supports_sparse and any(p.grad.is_sparse for p in params):
+    def _update_group(self, group: dict[str, Any], params: list[Tensor], has_sparse: bool) -> None:
+        if has_sparse:
             for p in params:
                 if p.grad.is_sparse:
                     self.sparse_update(group, p, p.grad, self._state_of(group, p))
             params = [p for p in params if not p.grad.is_sparse]
             if not params:
                 return
-        if self.state_names(group):
-            dense = [(p, self._state_of(group, p)) for p in params]
-        else:
-            dense = [(p, {}) for p in params]  # a rule without state (plain SGD) keeps none
-        steps = self.advance_steps(group, dense)
-        plan = self._plan_for(group, dense)
-        for block in plan.blocks:
-            block_steps = [steps[index] for index in block.indices]
-            self.update(group, block.params, block.grads(), block.states, block_steps)
-
-    def _plan_for(self, group: dict[str, Any], dense: list[tuple[Tensor, dict[str, Any]]]) -> _Plan:
-        """The group's block plan, rebuilt when its parameters or state tensors change."""
         names = self.state_names(group)
         block_elements = self.block_elements(group)
-        key = (id(group), names, block_elements, tuple(id(p) for p, _ in dense))
+        key = (id(group), names, block_elements, tuple(map(id, params)))
         plans = self.__dict__.setdefault("_plans", {})
         plan = plans.get(key)
-        if plan is None or not plan.still_valid(dense):
-            plan = _Plan.build(dense, names, self.real_view_for_complex, block_elements)
+        if plan is not None and plan.still_valid(self.state):
+            steps = self.advance_steps(group, plan.dense)
+        else:
+            if names:
+                dense = [(p, self._state_of(group, p)) for p in params]
+            else:
+                dense = [(p, {}) for p in params]  # a rule without state (plain SGD) keeps none
+            steps = self.advance_steps(group, dense)  # may create buffers, so before the plan
+            plan = _Plan.build(dense, names, self.real_view_for_complex, block_elements, self.state)
             if len(plans) > 64:
                 plans.clear()
             plans[key] = plan
-        return plan
+        for block in plan.blocks:
+            block_steps = [steps[index] for index in block.indices]
+            self.update(group, block.params, block.grads(), block.states, block_steps)
 
 
 class _Block:
@@ -323,16 +321,24 @@ class _Plan:
     state tensor is replaced (``load_state_dict``, a new buffer).
     """
 
-    def __init__(self, blocks: list[_Block], watched: list[tuple[dict[str, Any], str, Tensor]], pointers) -> None:
-        self.blocks = blocks
-        self.watched = watched
-        self.pointers = pointers
+    def __init__(self, blocks, dense, watched, state_table) -> None:
+        self.blocks: list[_Block] = blocks
+        self.dense: list[tuple[Tensor, dict[str, Any]]] = dense
+        self.watched: list[tuple[dict[str, Any], str, Tensor]] = watched
+        self.pointers = [(p, p.data_ptr()) for p, _ in dense]
+        self.state_table = state_table
+        self.state_count = len(state_table)
 
-    def still_valid(self, dense: list[tuple[Tensor, dict[str, Any]]]) -> bool:
-        # A parameter whose storage was swapped (``p.data = ...``, a dtype or device
-        # move) or a state tensor that was replaced makes the cached views stale.
-        return all(p.data_ptr() == pointer for p, pointer in self.pointers) and all(
-            state.get(name) is tensor for state, name, tensor in self.watched
+    def still_valid(self, state_table: dict) -> bool:
+        # A replaced or cleared state table, a parameter whose storage was swapped
+        # (``p.data = ...``, a dtype or device move) or a replaced state tensor makes
+        # the cached views stale. (State is meant to be replaced through
+        # load_state_dict, which drops every plan.)
+        return (
+            state_table is self.state_table
+            and len(state_table) == self.state_count
+            and all(p.data_ptr() == pointer for p, pointer in self.pointers)
+            and all(state.get(name) is tensor for state, name, tensor in self.watched)
         )
 
     @staticmethod
@@ -341,6 +347,7 @@ class _Plan:
         names: tuple[str, ...],
         real_view_for_complex: bool,
         block_elements: int,
+        state_table: dict,
     ) -> _Plan:
         blocks: list[_Block] = []
         watched = []
@@ -375,4 +382,4 @@ class _Plan:
                     current = _Block()
         if current.params:
             blocks.append(current)
-        return _Plan(blocks, watched, [(p, p.data_ptr()) for p, _ in dense])
+        return _Plan(blocks, dense, watched, state_table)
