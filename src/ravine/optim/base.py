@@ -91,6 +91,9 @@ class RavineOptimizer(torch.optim.Optimizer):
 
     #: Whether the update rule needs complex parameters viewed as real pairs.
     real_view_for_complex = True
+    #: Whether the update rule reads the step counts (bias corrections, lr decay);
+    #: when not, they are still counted in the state but never read back.
+    reads_step_counts = True
     #: Whether sparse gradients are accepted (see :meth:`sparse_update`).
     supports_sparse = False
 
@@ -138,6 +141,8 @@ class RavineOptimizer(torch.optim.Optimizer):
         """
         step_tensors = [state["step"] for _, state in dense]
         torch._foreach_add_(step_tensors, 1)
+        if not self.reads_step_counts:
+            return [0.0] * len(step_tensors)
         try:
             return torch.stack(step_tensors).tolist()  # one read instead of one per tensor
         except RuntimeError:  # counts on several devices or in several dtypes

@@ -39,6 +39,8 @@ class RMSprop(RavineOptimizer):
 
     #: Each coordinate is updated from its own gradient and state alone.
     elementwise = True
+    # torch.optim.RMSprop counts steps in its state but its rule never uses them.
+    reads_step_counts = False
 
     def __init__(
         self,
