@@ -5,8 +5,8 @@ functions of :mod:`ravine.transforms`, and its hyperparameter ranges in
 :meth:`RavineOptimizer.check_group`. This class does the rest, in two phases so that
 a step that raises changes nothing:
 
-1. check: every group's hyperparameters and every gradient (shape, dtype, device,
-   layout) are checked, and gradient transforms that can fail (clipping with
+1. check: every group's hyperparameters and every gradient's layout are checked
+   (torch itself guards a gradient's shape, dtype and device), and gradient transforms that can fail (clipping with
    ``error_if_nonfinite``) measure what they need, before anything is written;
 2. update: gradient transforms run, missing state is created, and the update rule
    runs over cache-sized blocks of parameters.
