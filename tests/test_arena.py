@@ -418,6 +418,18 @@ def test_cli_unknown_optimizer_lists_valid_names():
     assert "unknown optimizer 'lion'" in result.output and "adamw" in result.output
 
 
+@pytest.mark.parametrize(
+    "optimizers,fragment",
+    [("adam(lr=-1)", "lr must be in [0.0, inf], got -1"), ("adam(lr=0.1", "unbalanced '('")],
+)
+def test_cli_bad_optimizer_values_are_refused_before_any_run(tmp_path, optimizers, fragment):
+    result = runner.invoke(app, ["compare", "--optimizers", optimizers, "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert fragment in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "study.db").exists()
+
+
 def test_cli_runs_a_tiny_comparison_with_a_user_task(tmp_path):
     plugin = tmp_path / "my_tasks.py"
     plugin.write_text(

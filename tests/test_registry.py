@@ -81,3 +81,14 @@ def test_register_a_custom_optimizer():
         assert "my-sgd" in ravine.available()
     finally:
         registry._REGISTRY.pop("my-sgd")
+
+
+@pytest.mark.parametrize(
+    "spec,fragment",
+    [("adam(lr=-1)", "lr must be in"), ("sgd(nesterov=True)", "nesterov"), ("adamw(betas=(0.9, 2.0))", "betas[1]")],
+)
+def test_check_spec_checks_values_too(spec, fragment):
+    registry.parse_spec(spec)  # the names are fine ...
+    with pytest.raises(ValueError) as error:  # ... the values are not
+        registry.check_spec(spec)
+    assert fragment in str(error.value)

@@ -61,7 +61,7 @@ def advise_command(
     if optimizers is not None:
         specs = _checked("--optimizers", split_specs, optimizers)
         for spec in specs:
-            _checked("--optimizers", registry.parse_spec, spec)
+            _checked("--optimizers", registry.check_spec, spec)
     if batch_size < 1:
         raise typer.BadParameter(f"must be an integer >= 1, got {batch_size}", param_hint="'--batch-size'")
     memory_bytes = None if memory_budget is None else _checked("--memory-budget", parse_size, memory_budget)

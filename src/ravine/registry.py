@@ -21,7 +21,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["OptimizerEntry", "available", "create", "describe", "get", "parse_spec", "register", "split_specs"]
+__all__ = [
+    "OptimizerEntry",
+    "available",
+    "check_spec",
+    "create",
+    "describe",
+    "get",
+    "parse_spec",
+    "register",
+    "split_specs",
+]
 
 
 @dataclass(frozen=True)
@@ -166,6 +176,12 @@ def create(
     _check_arguments(entry, overrides, spec)
     arguments = {**entry.presets, **kwargs, **overrides}
     return entry.cls(params, **arguments)
+
+
+def check_spec(spec: str) -> None:
+    """Raise ``ValueError`` unless ``spec`` builds an optimizer: its name, its argument
+    names and its argument values are all checked (on a throwaway parameter)."""
+    create(spec, [torch.nn.Parameter(torch.zeros(1))])
 
 
 def describe(spec: str) -> dict[str, Any]:

@@ -161,12 +161,12 @@ def compare_command(
         _fail(console, f"unknown budget {budget!r}; valid budgets: {', '.join(BUDGETS)}")
     if mode not in MODES:
         _fail(console, f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
-    specs = split_specs(optimizers)
-    for spec in specs:
-        try:
-            registry.parse_spec(spec)
-        except ValueError as error:
-            _fail(console, f"--optimizers: {error}")
+    try:
+        specs = split_specs(optimizers)
+        for spec in specs:
+            registry.check_spec(spec)
+    except ValueError as error:
+        _fail(console, f"--optimizers: {error}")
     try:
         config = SweepConfig(
             task=task, optimizers=tuple(specs), budget=budget, seeds=seeds, grid_points=grid_points,
