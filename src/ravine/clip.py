@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-import torch
 from torch import Tensor
 
 from ravine import transforms as T
@@ -108,17 +107,19 @@ class ClipByGlobalNorm:
         self.max_norm, self.norm_type = _check_norm_arguments(max_norm, norm_type)
         self.error_if_nonfinite = error_if_nonfinite
         self.last_norm: Tensor | None = None
+        self._pending_norm: Tensor | None = None
 
     def check(self, grads: list[Tensor]) -> None:
+        # Measured once here, before anything is written, and used by __call__.
+        self._pending_norm = T.global_norm(grads, self.norm_type)
         if self.error_if_nonfinite:
-            norm = T.global_norm(grads, self.norm_type)
-            if not bool(torch.isfinite(norm)):
-                raise RuntimeError(
-                    f"ClipByGlobalNorm: the gradients' norm is non-finite ({float(norm)}); the step was not taken"
-                )
+            T.raise_if_nonfinite(self._pending_norm, self.norm_type)
 
     def __call__(self, grads: list[Tensor]) -> None:
-        self.last_norm = T.clip_by_global_norm_(grads, self.max_norm, self.norm_type)
+        total = self._pending_norm if self._pending_norm is not None else T.global_norm(grads, self.norm_type)
+        self._pending_norm = None
+        T.scale_to_max_norm_(grads, self.max_norm, total)
+        self.last_norm = total
 
     def __repr__(self) -> str:
         return f"ClipByGlobalNorm({self.max_norm}, norm_type={self.norm_type})"

@@ -46,6 +46,8 @@ __all__ = [
     "add_quotient_",
     "global_norm",
     "clip_by_value_",
+    "raise_if_nonfinite",
+    "scale_to_max_norm_",
     "clip_by_global_norm_",
 ]
 
@@ -180,6 +182,13 @@ def add_quotient_(params: list[Tensor], numerators: list[Tensor], denominators: 
         torch._foreach_addcdiv_(params, numerators, denominators, list(scale))
 
 
+def _by_device_and_dtype(tensors: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
+    return groups
+
+
 def global_norm(tensors: list[Tensor], norm_type: float = 2.0) -> Tensor:
     r"""The norm of all tensors taken together as one vector:
     :math:`\lVert g\rVert_p = (\sum_i \lVert g_i\rVert_p^p)^{1/p}`; ``inf`` gives the
@@ -187,14 +196,32 @@ def global_norm(tensors: list[Tensor], norm_type: float = 2.0) -> Tensor:
     if not tensors:
         return torch.tensor(0.0)
     norm_type = float(norm_type)
-    per_device: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for tensor in tensors:
-        per_device.setdefault((tensor.device, tensor.dtype), []).append(tensor)
     first_device = tensors[0].device
     norms = []
-    for group in per_device.values():
+    for group in _by_device_and_dtype(tensors).values():
         norms.extend(n.to(first_device) for n in torch._foreach_norm(group, norm_type))
     return torch.linalg.vector_norm(torch.stack(norms), norm_type)
+
+
+def raise_if_nonfinite(total_norm: Tensor, norm_type: float) -> None:
+    """``RuntimeError`` if a global norm is NaN or infinite (nothing is clipped then)."""
+    if not bool(torch.isfinite(total_norm)):
+        raise RuntimeError(
+            f"the total norm of order {float(norm_type)} for gradients is non-finite "
+            f"({float(total_norm)}), so it cannot be clipped; pass error_if_nonfinite=False to "
+            "clip anyway"
+        )
+
+
+def scale_to_max_norm_(grads: list[Tensor], max_norm: float, total_norm: Tensor) -> None:
+    r""":math:`g \leftarrow g \cdot \min(1, c / (\lVert g\rVert + 10^{-6}))`, given the norm."""
+    if not grads:
+        return
+    # Multiplying by a clamped coefficient (instead of branching on the norm) keeps the
+    # step free of host synchronisation, as torch.nn.utils.clip_grad_norm_ does.
+    coefficient = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    for (device, _), group in _by_device_and_dtype(grads).items():
+        torch._foreach_mul_(group, coefficient.to(device))
 
 
 def clip_by_value_(grads: list[Tensor], clip_value: float) -> None:
@@ -215,22 +242,9 @@ def clip_by_global_norm_(
     gradient is touched.
     """
     total = global_norm(grads, norm_type)
-    if error_if_nonfinite and not bool(torch.isfinite(total)):
-        raise RuntimeError(
-            f"the total norm of order {float(norm_type)} for gradients is non-finite "
-            f"({float(total)}), so it cannot be clipped; pass error_if_nonfinite=False to "
-            "clip anyway"
-        )
-    if not grads:
-        return total
-    # Multiplying by a clamped coefficient (instead of branching on the norm) keeps the
-    # step free of host synchronisation, as torch.nn.utils.clip_grad_norm_ does.
-    coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    per_device: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for grad in grads:
-        per_device.setdefault((grad.device, grad.dtype), []).append(grad)
-    for (device, _), group in per_device.items():
-        torch._foreach_mul_(group, coefficient.to(device))
+    if error_if_nonfinite:
+        raise_if_nonfinite(total, norm_type)
+    scale_to_max_norm_(grads, max_norm, total)
     return total
 
 
