@@ -75,9 +75,7 @@ def plot_contour(
     _draw_landmarks(ax, function, paths)
     ax.set_title(title if title is not None else default_title(function, paths), fontsize=11)
     if legend:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9, frameon=False,
-                  borderaxespad=0.0)
-        figure.tight_layout()
+        _legend_outside(ax, figure)
     return figure
 
 
@@ -123,10 +121,14 @@ def plot_loss(
     ax.set_title(title if title is not None else f"{function.title}\nloss against step, {steps} steps",
                  fontsize=11)
     if legend:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9, frameon=False,
-                  borderaxespad=0.0)
-        figure.tight_layout()
+        _legend_outside(ax, figure)
     return figure
+
+
+def _legend_outside(ax: Axes, figure: Figure) -> None:
+    """A frameless legend to the right of the axes."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9, frameon=False, borderaxespad=0.0)
+    figure.tight_layout()
 
 
 def animate_paths(
