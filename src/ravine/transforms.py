@@ -47,6 +47,7 @@ __all__ = [
     "global_norm",
     "clip_by_value_",
     "raise_if_nonfinite",
+    "all_finite",
     "scale_to_max_norm_",
     "clip_by_global_norm_",
 ]
@@ -201,6 +202,19 @@ def global_norm(tensors: list[Tensor], norm_type: float = 2.0) -> Tensor:
     for group in _by_device_and_dtype(tensors).values():
         norms.extend(n.to(first_device) for n in torch._foreach_norm(group, norm_type))
     return torch.linalg.vector_norm(torch.stack(norms), norm_type)
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite (no NaN, no inf).
+
+    One fused pass per device and dtype: the largest absolute entry of each tensor
+    (``torch._foreach_norm`` of order inf, which NaN propagates through), then a
+    single read on the host. Empty tensors are skipped.
+    """
+    verdicts = []
+    for group in _by_device_and_dtype([t for t in tensors if t.numel() > 0]).values():
+        verdicts.append(torch.isfinite(torch.stack(torch._foreach_norm(group, float("inf")))).all().cpu())
+    return bool(torch.stack(verdicts).all()) if verdicts else True
 
 
 def raise_if_nonfinite(total_norm: Tensor, norm_type: float) -> None:

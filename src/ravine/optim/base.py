@@ -14,6 +14,7 @@ a step that raises changes nothing:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -21,9 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ravine.transforms import scalar
+from ravine.transforms import all_finite, scalar
 
-__all__ = ["RavineOptimizer", "check_range", "scalar"]
+__all__ = ["NONFINITE_POLICIES", "RavineOptimizer", "check_range", "scalar"]
+
+logger = logging.getLogger("ravine")
+
+#: What a step does when a gradient holds NaN or inf (see ``RavineOptimizer.nonfinite``).
+NONFINITE_POLICIES = ("ignore", "skip", "raise")
 
 # Parameters are updated in blocks of about this many elements: small tensors are
 # batched into one list (one Python call for many tensors) and large contiguous ones
@@ -87,7 +93,20 @@ class RavineOptimizer(torch.optim.Optimizer):
     all gradients (across every group) at the start of each step, before the update
     rule: for instance :class:`ravine.ClipByGlobalNorm`. A transform may define
     ``check(grads)`` to validate before anything is written.
+
+    ``nonfinite`` says what a step does when any gradient holds NaN or inf:
+    ``"ignore"`` (the default, as torch.optim: the update runs and spreads them),
+    ``"skip"`` (nothing changes, not even step counts; :attr:`skipped_steps` counts it
+    and a warning goes to the ``"ravine"`` logger) or ``"raise"`` (``RuntimeError``
+    naming the first such parameter; nothing changes). The check is one fused pass
+    over all gradients in phase 1, before gradient transforms, so ``"skip"`` wins
+    over clipping's ``error_if_nonfinite``. ``skipped_steps`` is saved in
+    :meth:`state_dict` (key ``"skipped_steps"``, present once a policy is set).
     """
+
+    _nonfinite = "ignore"
+    #: Steps skipped because of non-finite gradients (policy ``"skip"``).
+    skipped_steps = 0
 
     #: Whether the update rule needs complex parameters viewed as real pairs.
     real_view_for_complex = True
@@ -156,6 +175,17 @@ class RavineOptimizer(torch.optim.Optimizer):
         including its step count."""
         raise NotImplementedError
 
+    @property
+    def nonfinite(self) -> str:
+        """The policy for NaN or inf gradients: "ignore", "skip" or "raise"."""
+        return self._nonfinite
+
+    @nonfinite.setter
+    def nonfinite(self, policy: str) -> None:
+        if policy not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {', '.join(map(repr, NONFINITE_POLICIES))}, got {policy!r}")
+        self._nonfinite = policy
+
     # -- torch.optim.Optimizer interface -----------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -183,6 +213,8 @@ class RavineOptimizer(torch.optim.Optimizer):
             self.check_group(group)
             params = [p for p in group["params"] if p.grad is not None]
             work.append((group, params, self._check_sparse(group, params)))
+        if self._nonfinite != "ignore" and not self._grads_finite(work):
+            return loss  # skipped (or raised): nothing was written
         if self.gradient_transforms:
             all_grads = [p.grad for _, params, _ in work for p in params if not p.grad.is_sparse]
             for transform in self.gradient_transforms:
@@ -199,11 +231,75 @@ class RavineOptimizer(torch.optim.Optimizer):
                 self._update_group(group, params, has_sparse)
         return loss
 
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        if self._nonfinite != "ignore" or self.skipped_steps:
+            state_dict["skipped_steps"] = self.skipped_steps
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, as torch.optim does (floating state is cast to each
+        parameter's dtype and device, step counts are kept), after checking that it
+        fits: the same number of groups, of parameters per group, and state buffers
+        of each parameter's shape. torch pairs saved state with parameters by order
+        alone, so a state dict from another model would otherwise load silently."""
+        self._check_fits(state_dict)
         super().load_state_dict(state_dict)
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         self._plans = {}
 
     # -- internals -----------------------------------------------------------------
+
+    def _grads_finite(self, work: list[tuple[dict[str, Any], list[Tensor], bool]]) -> bool:
+        """Apply the non-finite policy; True when the step may go on."""
+        grads = [p.grad._values() if p.grad.is_sparse else p.grad for _, params, _ in work for p in params]
+        if all_finite(grads):
+            return True
+        if self._nonfinite == "raise":
+            for group_index, group in enumerate(self.param_groups):
+                for param_index, p in enumerate(group["params"]):
+                    grad = p.grad
+                    if grad is not None and not all_finite([grad._values() if grad.is_sparse else grad]):
+                        raise RuntimeError(
+                            f"non-finite gradient (NaN or inf) in param group {group_index}, parameter "
+                            f"{param_index} (shape {tuple(p.shape)}); nothing was updated. Set "
+                            "optimizer.nonfinite = 'skip' to skip such steps"
+                        )
+        self.skipped_steps += 1
+        logger.warning(
+            "%s: skipped a step with non-finite gradients (NaN or inf); %d skipped so far",
+            type(self).__name__, self.skipped_steps,
+        )
+        return False
+
+    def _check_fits(self, state_dict: Any) -> None:
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups', as optimizer.state_dict() returns")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"the state dict has {len(saved_groups)} param groups but this optimizer has "
+                f"{len(self.param_groups)}"
+            )
+        for group_index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param group {group_index} has {len(saved['params'])} parameters in the state dict "
+                    f"but {len(group['params'])} in this optimizer"
+                )
+            options = {**group, **{key: value for key, value in saved.items() if key != "params"}}
+            names = self.state_names(options)
+            for param_index, (saved_id, p) in enumerate(zip(saved["params"], group["params"])):
+                entry = state_dict["state"].get(saved_id, {})
+                for name in names:
+                    buffer = entry.get(name)
+                    if isinstance(buffer, Tensor) and buffer.shape != p.shape:
+                        raise ValueError(
+                            f"param group {group_index}, parameter {param_index}: state {name!r} has shape "
+                            f"{tuple(buffer.shape)} in the state dict but the parameter has shape "
+                            f"{tuple(p.shape)}; the state dict belongs to other parameters (state is "
+                            "matched by order)"
+                        )
 
     def _check_group_types(self, group: dict[str, Any]) -> None:
         if group.get("differentiable", False):
