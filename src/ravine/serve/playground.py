@@ -19,6 +19,7 @@ import torch
 
 from ravine import registry
 from ravine.landscape import available_functions, get_function, run_many
+from ravine.serve.runs import check_optimizer
 
 __all__ = ["MAX_POINTS", "MAX_STEPS", "contour", "functions", "paths"]
 
@@ -99,14 +100,7 @@ def paths(
     if not optimizers:
         raise ValueError(f"optimizers: choose at least one of {', '.join(registry.available())}")
     for spec in optimizers:
-        try:
-            registry.check_spec(spec)
-        except ValueError as error:
-            raise ValueError(f"optimizers: {error}") from None
-        name, arguments = registry.parse_spec(spec)
-        lr = arguments.get("lr")
-        if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
-            raise ValueError(f"optimizers: lr must be > 0 in {spec!r}")
+        check_optimizer(spec)
     return [_path(test_function.name, spec, steps, tuple(start)) for spec in optimizers]
 
 

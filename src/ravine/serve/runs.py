@@ -41,6 +41,7 @@ __all__ = [
     "RunManager",
     "RunNotFound",
     "TrainingSettings",
+    "check_optimizer",
 ]
 
 DEFAULT_TASK = "mnist1d-mlp"
@@ -66,6 +67,17 @@ class _Stopped(Exception):
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_optimizer(spec: str) -> None:
+    """Raise ValueError (starting "optimizers:") unless ``spec`` builds an optimizer with lr > 0."""
+    try:
+        registry.check_spec(spec)
+    except ValueError as error:
+        raise ValueError(f"optimizers: {error}") from None
+    lr = registry.parse_spec(spec)[1].get("lr")
+    if lr is not None and not (_is_number(lr) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"optimizers: the learning rate must be a finite number > 0, got lr={lr!r} in {spec!r}")
 
 
 @dataclass(frozen=True)
@@ -94,10 +106,7 @@ class TrainingSettings:
         if len(specs) > MAX_OPTIMIZERS:
             raise ValueError(f"optimizers: at most {MAX_OPTIMIZERS} per run, got {len(specs)}")
         for spec in specs:
-            try:
-                registry.check_spec(spec)
-            except ValueError as error:
-                raise ValueError(f"optimizers: {error}") from None
+            check_optimizer(spec)
         if len(set(specs)) != len(specs):
             raise ValueError(f"optimizers: each optimizer spec may appear once, got {', '.join(specs)}")
         object.__setattr__(self, "optimizers", specs)
