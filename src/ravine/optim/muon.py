@@ -1,0 +1,387 @@
+r"""Muon: momentum whose update matrix is orthogonalised by a Newton–Schulz iteration,
+and :class:`MuonWithAdamW` / :func:`muon_with_adamw` to train a whole model with it."""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ravine import transforms as T
+from ravine.optim.adam import AdamW
+from ravine.optim.base import RavineOptimizer, check_range, scalar
+
+__all__ = ["Muon", "MuonWithAdamW", "muon_with_adamw", "zeropower_via_newton_schulz", "adjusted_lr"]
+
+# The quintic Newton–Schulz coefficients and defaults of torch.optim.Muon (from
+# Jordan et al., 2024).
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+EPS = 1e-7
+NS_STEPS = 5
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+
+
+def zeropower_via_newton_schulz(
+    matrix: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+) -> Tensor:
+    r"""An approximately orthogonal matrix with the singular vectors of ``matrix``:
+    :math:`U S' V^\top` for :math:`M = U S V^\top`, with :math:`S'_{ii}` roughly in
+    [0.5, 1.5] (Jordan et al., 2024).
+
+    In bfloat16, on the wide orientation (:math:`X X^\top` is the smaller Gram matrix):
+
+    .. math::
+        X_0 = \frac{M}{\max(\lVert M\rVert_F, \epsilon)}, \qquad
+        X_{k+1} = a X_k + (b A_k + c A_k^2) X_k, \quad A_k = X_k X_k^\top
+
+    The coefficients :math:`(a, b, c)` maximise the slope at zero, so small singular
+    values grow fast; the result is returned in bfloat16, as torch.optim.Muon does.
+    """
+    a, b, c = coefficients
+    ortho = matrix.bfloat16()
+    tall = matrix.size(0) > matrix.size(1)
+    if tall:
+        ortho = ortho.T
+    ortho.div_(ortho.norm().clamp(min=eps))  # spectral norm at most 1
+    for _ in range(steps):
+        gram = ortho @ ortho.T
+        polynomial = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        ortho = torch.addmm(ortho, polynomial, ortho, beta=a)
+    return ortho.T if tall else ortho
+
+
+def adjusted_lr(lr: float | Tensor, adjust_lr_fn: str | None, shape: torch.Size) -> float | Tensor:
+    r"""Muon's learning rate for an :math:`A \times B` matrix:
+    :math:`\eta\sqrt{\max(1, A/B)}` for ``"original"`` (or None; Jordan et al., 2024),
+    :math:`0.2\,\eta\sqrt{\max(A, B)}` for ``"match_rms_adamw"`` (the update's RMS then
+    matches AdamW's, so AdamW's learning rate and weight decay carry over; Liu et al.,
+    2025, "Muon is Scalable for LLM Training")."""
+    rows, columns = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        ratio = math.sqrt(max(1, rows / columns))
+    elif adjust_lr_fn == "match_rms_adamw":
+        ratio = 0.2 * math.sqrt(max(rows, columns))
+    else:
+        ratio = 1.0
+    return lr * ratio
+
+
+class Muon(RavineOptimizer):
+    r"""Muon (Jordan et al., 2024, "Muon: An optimizer for hidden layers in neural
+    networks"), for matrices (2-D parameters) only, as :class:`torch.optim.Muon`.
+
+    .. math::
+        B_t &= \mu B_{t-1} + (1 - \mu)\, g_t \\
+        \tilde B_t &= \mu B_t + (1 - \mu)\, g_t \ \text{(Nesterov)} \quad\text{or}\quad \tilde B_t = B_t \\
+        O_t &= \mathrm{NS}^{(a,b,c)}_k(\tilde B_t; \epsilon)
+            \quad\text{(see :func:`zeropower_via_newton_schulz`)} \\
+        \theta_t &= (1 - \eta\lambda)\,\theta_{t-1} - \eta'\, O_t,
+            \qquad \eta' = \text{AdjustLR}(\eta; A \times B) \ \text{(see :func:`adjusted_lr`)}
+
+    Every singular value of the step is about the same, so the update moves all
+    directions of the matrix at a similar rate however ill-conditioned the gradient is.
+    Biases, norms and embeddings need another optimizer: :func:`muon_with_adamw` builds
+    one optimizer that gives a whole model's matrices to Muon and the rest to AdamW.
+
+    Signature, defaults and ``state_dict`` (``momentum_buffer`` only, no step count) are
+    those of :class:`torch.optim.Muon`. Parameters that are not 2-D or are complex raise
+    ``ValueError`` when given.
+
+    Args:
+        lr: :math:`\eta` >= 0 (float or 1-element tensor). weight_decay: :math:`\lambda`
+        >= 0 (decoupled). momentum: :math:`\mu` >= 0. nesterov: look ahead by one momentum
+        step. ns_coefficients: :math:`(a, b, c)`. eps: :math:`\epsilon` >= 0. ns_steps:
+        :math:`k`, an integer in [0, 100). adjust_lr_fn: None, ``"original"`` or
+        ``"match_rms_adamw"``.
+    """
+
+    #: The update of a matrix depends on all of it: coordinates are not independent.
+    elementwise = False
+    real_view_for_complex = False
+    reads_step_counts = False
+    #: The rule acts on matrices; a lone vector (a landscape point) has none.
+    needs_matrices = True
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+        eps: float = EPS,
+        ns_steps: int = NS_STEPS,
+        adjust_lr_fn: str | None = None,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "ns_coefficients": ns_coefficients,
+            "eps": eps,
+            "ns_steps": ns_steps,
+            "adjust_lr_fn": adjust_lr_fn,
+        }
+        self.check_group(defaults)
+        super().__init__(params, defaults)
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        check_range("lr", group["lr"], 0.0)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_range("momentum", group["momentum"], 0.0)
+        coefficients = group["ns_coefficients"]
+        if not isinstance(coefficients, (tuple, list)) or len(coefficients) != 3:
+            raise ValueError(f"ns_coefficients must be three numbers (a, b, c), got {coefficients!r}")
+        for index, value in enumerate(coefficients):
+            check_range(f"ns_coefficients[{index}]", value)
+        check_range("eps", group["eps"], 0.0)
+        steps = group["ns_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps < 100:
+            raise ValueError(f"ns_steps must be an integer in [0, 100), got {steps!r}")
+        if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
+            raise ValueError(
+                f"adjust_lr_fn must be one of {', '.join(map(repr, ADJUST_LR_FNS))}, got {group['adjust_lr_fn']!r}"
+            )
+        for p in group.get("params", ()):
+            if p.ndim != 2 or torch.is_complex(p):
+                raise ValueError(
+                    "params must be real matrices (2-D): Muon orthogonalises matrix updates, got a "
+                    f"parameter of shape {tuple(p.shape)} and dtype {p.dtype}; train biases, norms and "
+                    "embeddings with ravine.optim.muon.muon_with_adamw (Muon for matrices, AdamW for the rest)"
+                )
+
+    def init_state(self, group, param, state) -> None:
+        state["momentum_buffer"] = torch.zeros_like(param.grad, memory_format=torch.preserve_format)
+
+    def state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("momentum_buffer",)
+
+    def block_elements(self, group: dict[str, Any]) -> int:
+        # Orthogonalisation acts on whole matrices, so a matrix is never cut into slices.
+        return sys.maxsize
+
+    def advance_steps(self, group, dense) -> list[float]:
+        return [0.0] * len(dense)  # Muon keeps no step count
+
+    def update(self, group, params, grads, states, steps) -> None:
+        lr = group["lr"]
+        momentum = group["momentum"]
+        buffers = [state["momentum_buffer"] for state in states]
+        T.moving_average_(buffers, grads, momentum)
+        directions = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
+        if group["weight_decay"] != 0:
+            T.decay_weights_(params, scalar(1 - lr * group["weight_decay"]))
+        for param, direction in zip(params, directions):
+            orthogonal = zeropower_via_newton_schulz(direction, group["ns_coefficients"], group["ns_steps"], group["eps"])
+            param.add_(orthogonal, alpha=-scalar(adjusted_lr(lr, group["adjust_lr_fn"], param.shape)))
+
+
+# Keys of a Muon group that an AdamW group of MuonWithAdamW does not carry.
+_MUON_ONLY_KEYS = ("momentum", "nesterov", "ns_coefficients", "ns_steps", "adjust_lr_fn")
+
+
+class MuonWithAdamW(Muon):
+    r"""One optimizer for a whole model: Muon for its matrices, AdamW for the rest.
+
+    Each param group has ``use_muon``. A group given without it is split: its 2-D
+    parameters form a Muon group (with the group's own options), every other parameter
+    (biases, norm gains, scalars) an AdamW group with ``lr=adamw_lr``,
+    ``betas=adamw_betas``, ``eps=adamw_eps`` and ``weight_decay=adamw_weight_decay``.
+    A group given with ``use_muon=False`` is an AdamW group with AdamW's keys (``lr``,
+    ``betas``, ``eps``, ``weight_decay``, ``amsgrad``, ``maximize``); with
+    ``use_muon=True`` a Muon group, whose parameters must be 2-D. So matrices that should
+    not be orthogonalised (embeddings, often the first and last layers) are put in a
+    ``use_muon=False`` group; :func:`muon_with_adamw` does this from a model.
+
+    Muon groups follow :class:`Muon` and AdamW groups :class:`ravine.AdamW`, number
+    for number (the state_dict holds ``momentum_buffer`` for Muon's parameters and
+    ``step``, ``exp_avg``, ``exp_avg_sq`` for AdamW's). Every group has an ``lr``, so
+    learning-rate schedulers scale both kinds together.
+
+    Args:
+        lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps,
+        adjust_lr_fn: Muon's, as in :class:`Muon`. adamw_lr: the AdamW groups'
+        learning rate; None uses ``lr`` (a good match with
+        ``adjust_lr_fn="match_rms_adamw"``, which gives Muon's update AdamW's RMS).
+        adamw_betas, adamw_eps: AdamW's betas and eps. adamw_weight_decay: AdamW's
+        decoupled weight decay; None uses ``weight_decay``.
+    """
+
+    reads_step_counts = True  # the AdamW groups' bias corrections read them
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+        eps: float = EPS,
+        ns_steps: int = NS_STEPS,
+        adjust_lr_fn: str | None = None,
+        *,
+        adamw_lr: float | None = None,
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float | None = None,
+    ) -> None:
+        self.adamw_defaults = {
+            "lr": lr if adamw_lr is None else adamw_lr,
+            "betas": adamw_betas,
+            "eps": adamw_eps,
+            "weight_decay": weight_decay if adamw_weight_decay is None else adamw_weight_decay,
+            "amsgrad": False,
+            "maximize": False,
+            "foreach": None,
+            "capturable": False,
+            "differentiable": False,
+            "fused": None,
+            "decoupled_weight_decay": True,
+        }
+        _adamw_rule().check_group(self.adamw_defaults)
+        # An AdamW group that sets its own lr keeps it; one split off a group follows
+        # that group's lr when adamw_lr is None.
+        self._adamw_lr_follows_lr = adamw_lr is None
+        super().__init__(params, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim pickles only defaults, state and param groups.
+        return {
+            **super().__getstate__(),
+            "adamw_defaults": self.adamw_defaults,
+            "_adamw_lr_follows_lr": self._adamw_lr_follows_lr,
+        }
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "use_muon" in param_group:
+            parts = [param_group]
+        else:
+            params = param_group["params"]
+            params = [params] if isinstance(params, Tensor) else list(params)
+            matrices = [p for p in params if p.ndim == 2]
+            others = [p for p in params if p.ndim != 2]
+            parts = []
+            if matrices or not others:
+                parts.append({**param_group, "params": matrices, "use_muon": True})
+            if others:
+                adamw_part = {"params": others, "use_muon": False}
+                if self._adamw_lr_follows_lr and "lr" in param_group:
+                    adamw_part["lr"] = param_group["lr"]
+                parts.append(adamw_part)
+        for part in parts:
+            if part["use_muon"]:
+                super().add_param_group(part)
+                continue
+            part = {**self.adamw_defaults, **part}
+            RavineOptimizer.add_param_group(self, part)
+            group = self.param_groups[-1]
+            for key in _MUON_ONLY_KEYS:
+                if key not in part:
+                    group.pop(key, None)  # filled in from Muon's defaults; AdamW has no use for it
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        if group.get("use_muon", True):
+            super().check_group(group)
+            return
+        _adamw_rule().check_group(group)
+        for p in group["params"]:
+            if torch.is_complex(p):
+                raise ValueError(f"params must be real: MuonWithAdamW does not support complex parameters, got {p.dtype}")
+
+    def init_state(self, group, param, state) -> None:
+        if group["use_muon"]:
+            super().init_state(group, param, state)
+        else:
+            _adamw_rule().init_state(group, param, state)
+
+    def state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return super().state_names(group) if group.get("use_muon", True) else _adamw_rule().state_names(group)
+
+    def block_elements(self, group: dict[str, Any]) -> int:
+        return super().block_elements(group) if group["use_muon"] else RavineOptimizer.block_elements(self, group)
+
+    def advance_steps(self, group, dense) -> list[float]:
+        return super().advance_steps(group, dense) if group["use_muon"] else RavineOptimizer.advance_steps(self, group, dense)
+
+    def update(self, group, params, grads, states, steps) -> None:
+        if group["use_muon"]:
+            super().update(group, params, grads, states, steps)
+        else:
+            _adamw_rule().update(group, params, grads, states, steps)
+
+
+@functools.cache
+def _adamw_rule() -> AdamW:
+    """An AdamW whose methods apply AdamW's checks and rule to the AdamW groups of a
+    MuonWithAdamW (they read only the group and tensors they are given)."""
+    return AdamW([torch.zeros(0, requires_grad=True)])
+
+
+def muon_with_adamw(
+    model_or_params: torch.nn.Module | Iterable[Tensor],
+    lr: float = 1e-3,
+    *,
+    adamw: Iterable[str | Tensor | torch.nn.Module] = (),
+    adamw_lr: float | None = None,
+    **kwargs: Any,
+) -> MuonWithAdamW:
+    """A :class:`MuonWithAdamW` for a model: Muon for its matrices, AdamW for the rest.
+
+    ``model_or_params`` is a module or an iterable of parameters. Matrices (2-D
+    parameters) go to Muon, except those named in ``adamw``, and every other parameter
+    (biases, norms) goes to AdamW. ``adamw`` holds modules (all their parameters),
+    parameters, or names from ``model.named_parameters()`` (a name also matches every
+    parameter under it: ``"head"`` matches ``"head.weight"``); a name that matches
+    nothing raises ``ValueError``. With a module, the weights of its
+    ``torch.nn.Embedding`` layers go to AdamW too: a lookup table is not a linear map.
+
+    Example::
+
+        optimizer = muon_with_adamw(model, lr=0.02, adamw_lr=3e-4, adamw=[model.head])
+
+    Other keyword arguments (``weight_decay``, ``momentum``, ``adjust_lr_fn``,
+    ``adamw_betas``, ...) go to :class:`MuonWithAdamW`.
+    """
+    if isinstance(model_or_params, torch.nn.Module):
+        named = list(model_or_params.named_parameters())
+        embedding_weights = {
+            id(module.weight) for module in model_or_params.modules() if isinstance(module, torch.nn.Embedding)
+        }
+    else:
+        named = [(None, p) for p in model_or_params]
+        embedding_weights = set()
+    to_adamw = set(embedding_weights)
+    for item in [adamw] if isinstance(adamw, (str, Tensor, torch.nn.Module)) else adamw:
+        if isinstance(item, torch.nn.Module):
+            to_adamw.update(id(p) for p in item.parameters())
+        elif isinstance(item, Tensor):
+            to_adamw.add(id(item))
+        elif isinstance(item, str):
+            matches = [p for name, p in named if name is not None and (name == item or name.startswith(item + "."))]
+            if not matches:
+                names = [name for name, _ in named if name is not None]
+                raise ValueError(
+                    f"adamw names {item!r}, which matches no parameter name; names: {', '.join(names) or 'none (pass a module to use names)'}"
+                )
+            to_adamw.update(id(p) for p in matches)
+        else:
+            raise ValueError(f"adamw must hold modules, parameters or parameter names, got {item!r}")
+    params = [p for _, p in named if p.requires_grad]
+    muon = [p for p in params if p.ndim == 2 and id(p) not in to_adamw]
+    rest = [p for p in params if p.ndim != 2 or id(p) in to_adamw]
+    groups = []
+    if muon:
+        groups.append({"params": muon, "use_muon": True})
+    if rest:
+        groups.append({"params": rest, "use_muon": False})
+    if not groups:
+        raise ValueError("model_or_params has no trainable parameters")
+    return MuonWithAdamW(groups, lr, adamw_lr=adamw_lr, **kwargs)
