@@ -47,6 +47,7 @@ def serve_command(
         "anyone who reaches it can start runs on this machine.",
     ),
     open_browser: bool = typer.Option(False, "--open", help="Open the page in the default browser."),
+    threads: int = typer.Option(1, "--threads", help="torch threads for training (runs share them)."),
 ) -> None:
     """Serve the lab's page: landscape playground and live training, no network needed.
 
@@ -61,6 +62,9 @@ def serve_command(
             "Pass --allow-remote as well if that is what you want."
         )
         raise typer.Exit(code=2)
+    if threads < 1:
+        error.print(f"[red]Error:[/] --threads must be >= 1, got {threads}")
+        raise typer.Exit(code=2)
     if not 0 <= port <= 65535:
         error.print(f"[red]Error:[/] --port must be from 0 to 65535, got {port}")
         raise typer.Exit(code=2)
@@ -70,10 +74,13 @@ def serve_command(
         error.print(f"[red]Error:[/] cannot listen on {host}:{port}: {problem.strerror or problem}")
         raise typer.Exit(code=2) from None
 
+    import torch
     import uvicorn
 
     from ravine.serve.app import create_app
 
+    # Small models train fastest on one thread, and extra threads would fight the server's.
+    torch.set_num_threads(threads)
     bound_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if ":" in host else host
     url = f"http://{shown_host}:{bound_port}/"

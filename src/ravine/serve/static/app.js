@@ -201,12 +201,12 @@ function drawLive() {
   const metricTitle = live.metric === "accuracy" ? "held-out accuracy (%)" : `held-out ${live.metric}`;
   Plotly.react("loss-chart", lossTraces, {
     title: { text: "Train loss (faint: every step; solid: running mean)", font: { size: 14 } },
-    margin: { t: 40, r: 10, b: 40, l: 55 }, xaxis: { title: { text: "epoch" } },
+    margin: { t: 40, r: 10, b: 40, l: 55 }, xaxis: { title: { text: "epoch" }, zeroline: false },
     yaxis: { title: { text: "train loss" } }, legend: { orientation: "h", y: -0.2 },
   }, PLOT_CONFIG);
   Plotly.react("metric-chart", metricTraces, {
     title: { text: `${metricTitle} after each epoch`, font: { size: 14 } },
-    margin: { t: 40, r: 10, b: 40, l: 55 }, xaxis: { title: { text: "epoch" } },
+    margin: { t: 40, r: 10, b: 40, l: 55 }, xaxis: { title: { text: "epoch" }, zeroline: false },
     yaxis: { title: { text: metricTitle } }, legend: { orientation: "h", y: -0.2 },
   }, PLOT_CONFIG);
   const s = live.settings;
@@ -292,7 +292,7 @@ async function compareRuns() {
   Plotly.react(chart, traces, {
     title: { text: "Compared runs: train loss (one-epoch running mean) and held-out metric", font: { size: 14 } },
     grid: { rows: 1, columns: 2, pattern: "independent" }, margin: { t: 40, r: 10, b: 40, l: 55 },
-    xaxis: { title: { text: "epoch" } }, yaxis: { title: { text: "train loss" } },
+    xaxis: { title: { text: "epoch" }, zeroline: false }, yaxis: { title: { text: "train loss" } },
     xaxis2: { title: { text: "epoch" } }, yaxis2: { title: { text: "held-out metric" } },
   }, PLOT_CONFIG);
 }
@@ -350,8 +350,8 @@ function plotLandscape(contour, paths) {
   }
   Plotly.react("contour-chart", traces, {
     title: { text: `${contour.name}: f(x, y) = ${contour.formula}`, font: { size: 14 } },
-    margin: { t: 40, r: 10, b: 40, l: 45 }, xaxis: { range: [xMin, xMax], title: { text: "x" } },
-    yaxis: { range: [yMin, yMax], title: { text: "y" } }, legend: { orientation: "h", y: -0.12 },
+    margin: { t: 40, r: 10, b: 40, l: 45 }, xaxis: { range: [xMin, xMax], title: { text: "x" }, zeroline: false },
+    yaxis: { range: [yMin, yMax], title: { text: "y" }, zeroline: false }, legend: { orientation: "h", y: -0.12 },
   }, PLOT_CONFIG);
   $("landscape-table").querySelector("tbody").innerHTML = rows.join("");
 }
