@@ -34,6 +34,8 @@ class Adagrad(RavineOptimizer):
         lr: :math:`\eta` >= 0. lr_decay: :math:`\delta` >= 0. weight_decay: L2
         :math:`\lambda` >= 0. initial_accumulator_value: :math:`s_0` >= 0.
         eps: :math:`\epsilon` >= 0. maximize: ascend instead of descend.
+        impl: (ravine only, keyword) ``"auto"``, ``"plain"`` or ``"fast"``, the
+        implementation that runs the step (see :mod:`ravine.optim.base`).
     """
 
     supports_sparse = True
@@ -54,6 +56,7 @@ class Adagrad(RavineOptimizer):
         maximize: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        impl: str = "auto",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -67,7 +70,7 @@ class Adagrad(RavineOptimizer):
             "fused": fused,
         }
         self.check_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, impl=impl)
         # torch.optim.Adagrad creates its state up front, so its state_dict is full
         # before the first step; so does this one.
         for group in self.param_groups:

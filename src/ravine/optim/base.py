@@ -10,18 +10,30 @@ a step that raises changes nothing:
    ``error_if_nonfinite``) measure what they need, before anything is written;
 2. update: gradient transforms run, missing state is created, and the update rule
    runs over cache-sized blocks of parameters.
+
+Implementations (``impl``, a keyword-only argument of every ravine optimizer):
+``"plain"`` runs :meth:`RavineOptimizer.update`, the rule written with torch's
+list operations; ``"fast"`` runs the compiled CPU step of :mod:`ravine.kernels`
+(one pass over memory per step, bit-equal to the plain path) and raises if it
+cannot be built; ``"auto"`` (the default) uses the compiled step when the optimizer
+has one and it builds, else the plain path. Parameters the compiled step does not
+take (not float32/float64, complex, non-contiguous, not on the CPU, state in
+another dtype) take the plain path in the same step, whatever ``impl`` says.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ravine.kernels import cpu as _cpu
+from ravine.kernels import fast as _fast
 from ravine.transforms import all_finite, scalar
 
 __all__ = ["NONFINITE_POLICIES", "RavineOptimizer", "check_range", "scalar"]
@@ -116,8 +128,17 @@ class RavineOptimizer(torch.optim.Optimizer):
     #: Whether sparse gradients are accepted (see :meth:`sparse_update`).
     supports_sparse = False
 
-    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+    def __init__(self, params: Any, defaults: dict[str, Any], *, impl: str = "auto") -> None:
         self.gradient_transforms: list[Callable[[list[Tensor]], Any]] = []
+        #: "auto", "plain" or "fast" (see the module docstring); kept out of the
+        #: param groups so that state_dicts stay torch.optim's.
+        self.impl = _fast.check_impl(impl)
+        if impl == "fast":
+            if _fast.spec_for(self) is None:
+                raise ValueError(f"impl='fast': {type(self).__name__} has no compiled step (use impl='auto' or 'plain')")
+            reason = _cpu.unavailable_reason()
+            if reason is not None:
+                raise _cpu.KernelUnavailable(f"impl='fast': the compiled CPU step is unavailable: {reason}")
         super().__init__(params, defaults)
 
     # -- hooks for subclasses ---------------------------------------------------
@@ -159,11 +180,22 @@ class RavineOptimizer(torch.optim.Optimizer):
         parameter; optimizers without one override this.
         """
         step_tensors = [state["step"] for _, state in dense]
-        torch._foreach_add_(step_tensors, 1)
+        if not step_tensors:
+            return []
+        # Kept tensors (a list of ones to add, a buffer to read the counts into) so
+        # that a steady-state step allocates nothing: adding the number 1 would wrap
+        # it in a new tensor for every parameter.
+        kept = self.__dict__.setdefault("_step_tensors", {})
+        key = (len(step_tensors), step_tensors[0].dtype, step_tensors[0].device)
+        if key not in kept:
+            one = torch.ones((), dtype=step_tensors[0].dtype, device=step_tensors[0].device)
+            kept[key] = ([one] * len(step_tensors), torch.empty(len(step_tensors), dtype=step_tensors[0].dtype))
+        ones, buffer = kept[key]
+        torch._foreach_add_(step_tensors, ones)
         if not self.reads_step_counts:
             return [0.0] * len(step_tensors)
         try:
-            return torch.stack(step_tensors).tolist()  # one read instead of one per tensor
+            return torch.stack(step_tensors, out=buffer).tolist()  # one read instead of one per tensor
         except RuntimeError:  # counts on several devices or in several dtypes
             return [t.item() for t in step_tensors]
 
@@ -356,7 +388,8 @@ class RavineOptimizer(torch.optim.Optimizer):
                 return
         names = self.state_names(group)
         block_elements = self.block_elements(group)
-        key = (id(group), names, block_elements, tuple(map(id, params)))
+        impl = getattr(self, "impl", "auto")
+        key = (id(group), names, block_elements, tuple(map(id, params)), impl)
         plans = self.__dict__.setdefault("_plans", {})
         plan = plans.get(key)
         if plan is not None and plan.still_valid(self.state):
@@ -368,12 +401,44 @@ class RavineOptimizer(torch.optim.Optimizer):
                 dense = [(p, {}) for p in params]  # a rule without state (plain SGD) keeps none
             steps = self.advance_steps(group, dense)  # may create buffers, so before the plan
             plan = _Plan.build(dense, names, self.real_view_for_complex, block_elements, self.state)
+            spec = self._fast_spec(group, impl)
+            if spec is not None:
+                plan.add_fast_parts(spec, names, self.real_view_for_complex, block_elements)
             if len(plans) > 64:
                 plans.clear()
             plans[key] = plan
-        for block in plan.blocks:
+        blocks = plan.blocks
+        if plan.fast_parts and _fast.run_parts(plan.spec, plan.fast_parts, group, steps):
+            blocks = plan.rest_blocks
+        for block in blocks:
             block_steps = [steps[index] for index in block.indices]
             self.update(group, block.params, block.grads(), block.states, block_steps)
+
+
+    def _fast_spec(self, group: dict[str, Any], impl: str) -> _fast.Spec | None:
+        """The compiled step's spec for ``group``, or None for the plain path."""
+        if impl == "plain" or group.get("state_dtype") is not None:
+            return None
+        spec = _fast.spec_for(self)
+        if spec is None:
+            return None
+        reason = _cpu.unavailable_reason()
+        if reason is not None:
+            if impl == "fast":
+                raise _cpu.KernelUnavailable(f"impl='fast': the compiled CPU step is unavailable: {reason}")
+            _warn_once(reason)
+            return None
+        return spec
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason in _warned or reason.startswith("disabled by"):
+        return
+    _warned.add(reason)
+    warnings.warn(f"ravine: the compiled CPU step is unavailable, using the plain path: {reason}", RuntimeWarning, stacklevel=3)
 
 
 class _Block:
@@ -429,6 +494,18 @@ class _Plan:
         self.pointers = [(p, p.data_ptr()) for p, _ in dense]
         self.state_table = state_table
         self.state_count = len(state_table)
+        # The compiled step's share of the parameters, and blocks for the rest.
+        self.spec: _fast.Spec | None = None
+        self.fast_parts: list[_fast.FastPart] = []
+        self.rest_blocks: list[_Block] = blocks
+
+    def add_fast_parts(self, spec: _fast.Spec, names, real_view_for_complex: bool, block_elements: int) -> None:
+        parts, covered = _fast.prepare(spec, self.dense, names)
+        if parts:
+            self.spec = spec
+            self.fast_parts = parts
+            rest = _Plan.build(self.dense, names, real_view_for_complex, block_elements, self.state_table, skip=covered)
+            self.rest_blocks = rest.blocks
 
     def still_valid(self, state_table: dict) -> bool:
         # A replaced or cleared state table, a parameter whose storage was swapped
@@ -449,6 +526,7 @@ class _Plan:
         real_view_for_complex: bool,
         block_elements: int,
         state_table: dict,
+        skip: set[int] = frozenset(),
     ) -> _Plan:
         blocks: list[_Block] = []
         watched = []
@@ -456,6 +534,8 @@ class _Plan:
         for index, (p, state) in enumerate(dense):
             buffers = [state.get(name) for name in names]
             watched.extend((state, name, buffer) for name, buffer in zip(names, buffers))
+            if index in skip:
+                continue
             real = real_view_for_complex and torch.is_complex(p)
             tensors = [p, *buffers]
             if real:

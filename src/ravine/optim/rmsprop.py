@@ -34,7 +34,9 @@ class RMSprop(RavineOptimizer):
         lr: :math:`\eta` >= 0. alpha: smoothing :math:`\alpha` in [0, 1]. eps:
         :math:`\epsilon` >= 0. weight_decay: L2 :math:`\lambda` >= 0. momentum:
         :math:`\mu` >= 0. centered: normalise by the moving variance.
-        maximize: ascend instead of descend.
+        maximize: ascend instead of descend. impl: (ravine only, keyword)
+        ``"auto"``, ``"plain"`` or ``"fast"``, the implementation that runs the step
+        (see :mod:`ravine.optim.base`).
     """
 
     #: Each coordinate is updated from its own gradient and state alone.
@@ -55,6 +57,8 @@ class RMSprop(RavineOptimizer):
         foreach: bool | None = None,
         maximize: bool = False,
         differentiable: bool = False,
+        *,
+        impl: str = "auto",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -69,7 +73,7 @@ class RMSprop(RavineOptimizer):
             "differentiable": differentiable,
         }
         self.check_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, impl=impl)
 
     def check_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)

@@ -1,0 +1,212 @@
+"""The compiled CPU step: building, loading and calling ``cpu_step.cpp``.
+
+The kernel is plain C++ with no dependency on torch's headers, so it compiles in
+about a second with the system compiler (``c++``, or ``$CXX``) and is called through
+:mod:`ctypes`. It is built on first use into torch's extension directory
+(``~/.cache/torch_extensions``, or ``$TORCH_EXTENSIONS_DIR``), under a name that
+hashes the source, the compiler flags and the CPU, and loaded from there afterwards.
+Hyperparameters are arguments of every call, so a learning rate that changes every
+step never rebuilds anything.
+
+The build uses ``-O3 -march=native`` (the cache key includes the CPU's flags) with
+``-ffp-contract=off``, and OpenMP (the same ``libgomp`` torch has loaded). Square
+roots are taken by the function torch itself uses (MKL's VML), looked up in
+``libtorch_cpu``; see the comment at the top of ``cpu_step.cpp`` for why results are
+bit-equal to torch.optim's for-loop path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["KernelUnavailable", "load", "unavailable_reason", "build_info", "step"]
+
+SOURCE = Path(__file__).with_name("cpu_step.cpp")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+ABI_VERSION = 1
+
+FAMILIES = {"sgd": 0, "adagrad": 1, "rmsprop": 2, "adam": 3}
+DTYPES = {torch.float32: 0, torch.float64: 1}
+
+
+class KernelUnavailable(RuntimeError):
+    """The compiled CPU step cannot be used here; the message says why."""
+
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_failure: str | None = None
+#: How the library was obtained in this process: compiles (0 or 1), seconds spent
+#: compiling, seconds spent loading, the file, and whether torch's VML square root
+#: was found (bit-equal results) or std::sqrt is used.
+_info: dict = {"compiles": 0, "compile_seconds": 0.0, "load_seconds": 0.0, "path": None, "vml_sqrt": False}
+
+
+def build_info() -> dict:
+    """What loading the kernel cost in this process (see ``_info``)."""
+    return dict(_info)
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() + platform.machine()
+
+
+def _compiler() -> str | None:
+    for candidate in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if candidate and shutil.which(candidate):
+            return candidate
+    return None
+
+
+def _library_path(compiler: str) -> Path:
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_signature().encode()):
+        key.update(part)
+        key.update(b"\0")
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+    return Path(root) / f"ravine_cpu_step_{key.hexdigest()[:16]}" / "ravine_cpu_step.so"
+
+
+def _compile(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a temporary name and rename, so concurrent builds never see half a file.
+    handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(handle)
+    try:
+        result = subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", temporary], capture_output=True, text=True, timeout=300
+        )
+        if result.returncode != 0:
+            raise KernelUnavailable(f"compiling {SOURCE.name} with {compiler} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def _vml_sqrt() -> tuple[int | None, int | None]:
+    """Addresses of MKL's vmsSqrt/vmdSqrt inside libtorch_cpu, if it exports them."""
+    torch_lib = Path(torch.__file__).parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        path = torch_lib / name
+        if path.exists():
+            try:
+                handle = ctypes.CDLL(str(path))
+                return (
+                    ctypes.cast(handle.VMSSQRT_, ctypes.c_void_p).value,
+                    ctypes.cast(handle.VMDSQRT_, ctypes.c_void_p).value,
+                )
+            except (OSError, AttributeError):
+                return None, None
+    return None, None
+
+
+def _load() -> ctypes.CDLL:
+    if os.environ.get("RAVINE_DISABLE_KERNELS"):
+        raise KernelUnavailable("disabled by the RAVINE_DISABLE_KERNELS environment variable")
+    if not SOURCE.exists():
+        raise KernelUnavailable(f"the kernel source {SOURCE} is missing from the installation")
+    compiler = _compiler()
+    if compiler is None:
+        raise KernelUnavailable("no C++ compiler found (set CXX, or install g++ or clang++)")
+    path = _library_path(compiler)
+    if not path.exists():
+        start = time.perf_counter()
+        _compile(compiler, path)
+        _info["compiles"] += 1
+        _info["compile_seconds"] += time.perf_counter() - start
+    start = time.perf_counter()
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError as error:
+        raise KernelUnavailable(f"loading {path} failed: {error}") from error
+    if library.ravine_abi_version() != ABI_VERSION:
+        raise KernelUnavailable(f"{path} has ABI version {library.ravine_abi_version()}, expected {ABI_VERSION}")
+    library.ravine_step.restype = None
+    library.ravine_step.argtypes = [
+        ctypes.c_int64,  # family
+        ctypes.c_int64,  # dtype
+        ctypes.c_int64,  # number of items
+        ctypes.c_void_p,  # items
+        ctypes.c_void_p,  # pointers
+        ctypes.c_int64,  # slots per tensor
+        ctypes.c_void_p,  # per-tensor scalars
+        ctypes.c_int64,  # scalars per tensor
+        ctypes.c_void_p,  # hyperparameters
+        ctypes.c_int64,  # flags
+        ctypes.c_int64,  # threads
+    ]
+    library.ravine_set_sqrt.restype = None
+    library.ravine_set_sqrt.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    f32, f64 = _vml_sqrt()
+    library.ravine_set_sqrt(f32, f64)
+    _info["vml_sqrt"] = f32 is not None and f64 is not None
+    _info["load_seconds"] = time.perf_counter() - start
+    _info["path"] = str(path)
+    return library
+
+
+def load() -> ctypes.CDLL:
+    """The compiled library, building it on first use; raises :class:`KernelUnavailable`."""
+    global _library, _failure
+    if _library is not None:
+        return _library
+    with _lock:
+        if _library is None:
+            if _failure is not None:
+                raise KernelUnavailable(_failure)
+            try:
+                _library = _load()
+            except KernelUnavailable as error:
+                _failure = str(error)
+                raise
+    return _library
+
+
+def unavailable_reason() -> str | None:
+    """Why the compiled step cannot be used (``None`` when it can); builds it if needed."""
+    try:
+        load()
+    except KernelUnavailable as error:
+        return str(error)
+    return None
+
+
+def step(family: int, dtype: int, items, pointers, per_tensor, hyperparameters, flags: int, threads: int) -> None:
+    """One call of the kernel; array arguments are C-contiguous numpy arrays."""
+    _library.ravine_step(
+        family,
+        dtype,
+        items.shape[0],
+        items.ctypes.data,
+        pointers.ctypes.data,
+        pointers.shape[1],
+        per_tensor.ctypes.data,
+        per_tensor.shape[1],
+        hyperparameters.ctypes.data,
+        flags,
+        threads,
+    )
