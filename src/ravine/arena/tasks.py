@@ -131,7 +131,10 @@ class Task:
     ``metric_fn(outputs, targets)`` returns the mean metric over the given examples
     as a float. ``target_loss`` is the train loss that "steps to target" counts to
     (``None``: the report picks one from the runs). ``epochs`` maps each budget
-    name (small, medium, full) to the epochs a run trains for.
+    name (small, medium, full) to the epochs a run trains for. ``batched`` says that
+    several runs of the model (other seeds, other learning rates) may be trained at
+    once with stacked parameters (:mod:`ravine.arena.batched`): true only for models
+    without randomness (dropout) or running statistics (batch norm).
     """
 
     name: str
@@ -147,6 +150,7 @@ class Task:
         default_factory=lambda: {"small": 3, "medium": 10, "full": 30}
     )
     eval_batch_size: int = 1000
+    batched: bool = False
     _data: TaskData | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -528,12 +532,14 @@ def _ensure_builtins() -> None:
             "MNIST-1D, logistic regression (40 -> 10); paper: ~32% test accuracy",
             lambda: nn.Linear(40, 10),
             epochs={"small": 10, "medium": 20, "full": 60},
+            batched=True,
         ),
         _mnist1d_task(
             "mnist1d-mlp",
             "MNIST-1D, residual MLP 40-100-100-10; paper: ~68% test accuracy",
             lambda: ResidualMLP(40, 100, 10),
             epochs={"small": 10, "medium": 20, "full": 60},
+            batched=True,
         ),
         _mnist1d_task(
             "mnist1d-cnn",
@@ -557,6 +563,7 @@ def _ensure_builtins() -> None:
             metric_fn=accuracy,
             higher_is_better=True,
             epochs={"small": 5, "medium": 15, "full": 40},
+            batched=True,
         ),
         Task(
             name="digits-cnn",

@@ -1,0 +1,652 @@
+r"""Batched runs: train R copies of one small model at once, one learning rate and one
+seed per copy, with the results the same runs give one after another.
+
+A learning-rate grid or a set of seeds is R independent trainings of the same model.
+Run one after another, each step of each run pays Python's and torch's per-call cost
+for a handful of tiny matrix products. Here the R copies' parameters are stacked along
+a new first dimension (run ``r`` is slice ``[r]`` of every tensor), one batched matrix
+product (``torch.baddbmm``) computes every run's layer at once, and the per-run losses
+are summed before ``backward()``: the runs share no parameter, so the gradient of the
+sum with respect to run ``r``'s slice is run ``r``'s own gradient. One optimizer step
+then updates every run, with the learning rate as a tensor of shape ``(R, 1, ..., 1)``
+broadcast over each stacked parameter:
+
+.. math:: \theta^{(r)}_t = \theta^{(r)}_{t-1} - \eta^{(r)}_t\, d^{(r)}_t
+          \qquad r = 1, \dots, R
+
+where :math:`d^{(r)}_t` is the optimizer's direction for run ``r`` (its momentum,
+Adam's :math:`\hat m / (\sqrt{\hat v} + \epsilon)`, ...), computed from run ``r``'s
+gradient and state alone.
+
+Each run is the run :func:`ravine.arena.train.train` would make with the same
+:class:`~ravine.arena.train.TrainConfig`: the same initial weights (``make_model(seed)``),
+its own data order (a generator seeded with its seed, one ``randperm`` per epoch), its
+own schedule (the same rule of its own base learning rate), its own gradient clipping
+(each run scaled by its own global norm), its own divergence test and its own
+evaluations. Only the rounding differs (a batched product adds in another order), so
+results agree within floating-point tolerance, not bit for bit.
+
+What can be batched:
+
+* tasks whose ``Task.batched`` is true (built in: ``mnist1d-logreg``, ``mnist1d-mlp``,
+  ``digits-mlp``): models without randomness or running statistics. Models made of
+  ``nn.Linear``, ``nn.ReLU``, ``nn.Sequential`` and the MNIST-1D residual MLP run on
+  hand-written batched layers; any other model of such a task runs through
+  ``torch.func.vmap`` over ``torch.func.functional_call``, which is general but slower.
+* optimizers whose update is element-wise: SGD (with momentum, dampening, Nesterov,
+  weight decay), Adam, AdamW and AMSGrad, RMSprop (centered, momentum) and Adagrad,
+  i.e. every name in :data:`BATCHED_OPTIMIZERS`. The learning rate may differ per run;
+  every other hyperparameter is shared. Optimizers whose update reads a norm of a whole
+  tensor (LAMB, LARS) or of all parameters would mix the runs, and are trained one
+  after another instead.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ravine import registry
+from ravine import transforms as T
+from ravine.arena.tasks import ResidualMLP, Task, get_task
+from ravine.arena.train import (
+    RunResult,
+    TrainConfig,
+    _make_scheduler,
+    _peak_memory,
+    _plain,
+    _reset_peak_memory,
+    format_spec,
+    optimizer_state_bytes,
+)
+from ravine.optim import SGD, Adagrad, Adam, AdamW, RMSprop
+
+__all__ = ["BATCHED_OPTIMIZERS", "can_batch", "train_batched"]
+
+#: Registered optimizer names whose runs can be batched.
+BATCHED_OPTIMIZERS = (
+    "sgd", "momentum", "nesterov", "adagrad", "rmsprop", "rmsprop-centered", "adam", "amsgrad", "adamw",
+)
+
+BatchedProgress = Callable[[int, int, int, float], None]
+"""Called as ``callback(run, step, total_steps, loss)`` after each step of each run."""
+
+
+def can_batch(task: Task | str, spec: str) -> bool:
+    """Whether runs of optimizer ``spec`` on ``task`` can be trained together."""
+    if isinstance(task, str):
+        task = get_task(task)
+    if not getattr(task, "batched", False):
+        return False
+    try:
+        optimizer = registry.create(spec, [nn.Parameter(torch.zeros(1))])
+    except ValueError:
+        return False
+    return _rule_for(optimizer) is not None
+
+
+def train_batched(
+    task: Task | str,
+    configs: list[TrainConfig],
+    progress: BatchedProgress | None = None,
+    *,
+    return_parameters: bool = False,
+) -> list[RunResult] | tuple[list[RunResult], list[dict[str, Tensor]]]:
+    """Train the runs ``configs`` describe together; return one :class:`RunResult` each,
+    as :func:`ravine.arena.train.train` would for that config.
+
+    The configs may differ in ``lr`` and ``seed`` only. Timings are shares: a run's
+    ``time_per_step_s`` is the batched step's median time divided by the number of
+    runs, and so on; ``peak_memory_bytes`` is the rise of all runs together divided
+    by their number; ``extra["batched_runs"]`` says how many ran together. With
+    ``return_parameters`` each run's final parameters come back as well, as state
+    dicts of the task's model.
+
+    Raises ``ValueError`` when the task or optimizer cannot be batched (see
+    :func:`can_batch`) or the configs differ in anything but ``lr`` and ``seed``.
+    """
+    if isinstance(task, str):
+        task = get_task(task)
+    configs = list(configs)
+    if not configs or not all(isinstance(config, TrainConfig) for config in configs):
+        raise ValueError("configs must be a non-empty list of TrainConfig")
+    shared = ("optimizer", "batch_size", "epochs", "steps", "schedule", "clip_norm",
+              "divergence_factor", "divergence_patience")
+    for name in shared:
+        values = {repr(getattr(config, name)) for config in configs}
+        if len(values) > 1:
+            raise ValueError(
+                f"batched runs must share {name}; got {', '.join(sorted(values))} "
+                "(only lr and seed may differ)"
+            )
+    if not getattr(task, "batched", False):
+        raise ValueError(f"task {task.name!r} cannot be batched (Task.batched is False); use train()")
+    return _BatchedTraining(task, configs, progress).run(return_parameters)
+
+
+# ---------------------------------------------------------------------------------------
+# Batched forward passes
+
+
+class _BatchedLinear(torch.autograd.Function):
+    r"""R linear layers at once: :math:`y^{(r)} = x^{(r)} W^{(r)\top} + b^{(r)}`.
+
+    The backward pass forms :math:`\partial W^{(r)} = g^{(r)\top} x^{(r)}` in that
+    order (autograd's ``bmm`` backward would form :math:`(x^\top g)^\top`), as
+    ``nn.Linear``'s backward does, so each run's gradients are those of its own layer.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, inputs: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(inputs, weight)
+        ctx.has_bias = bias is not None
+        if bias is None:
+            return torch.bmm(inputs, weight.transpose(1, 2))
+        return torch.baddbmm(bias.unsqueeze(1), inputs, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad_inputs = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(dim=1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_inputs, grad_weight, grad_bias
+
+
+def _linear(params: dict[str, Tensor], prefix: str, inputs: Tensor) -> Tensor:
+    return _BatchedLinear.apply(inputs, params[prefix + "weight"], params.get(prefix + "bias"))
+
+
+def _layer_forward(module: nn.Module, prefix: str) -> Callable[[dict[str, Tensor], Tensor], Tensor] | None:
+    """A function ``(stacked params, inputs (R, B, ...)) -> outputs (R, B, ...)`` for the
+    modules written out here; ``None`` for any other."""
+    if type(module) is nn.Linear:
+        return lambda params, inputs: _linear(params, prefix, inputs)
+    if type(module) is nn.ReLU:
+        return lambda params, inputs: inputs.relu()
+    if type(module) is ResidualMLP:
+        def residual(params: dict[str, Tensor], inputs: Tensor) -> Tensor:
+            hidden = _linear(params, prefix + "linear1.", inputs).relu()
+            hidden = hidden + _linear(params, prefix + "linear2.", hidden).relu()
+            return _linear(params, prefix + "linear3.", hidden)
+        return residual
+    if type(module) is nn.Sequential:
+        layers = [_layer_forward(child, f"{prefix}{name}.") for name, child in module.named_children()]
+        if any(layer is None for layer in layers):
+            return None
+
+        def chain(params: dict[str, Tensor], inputs: Tensor) -> Tensor:
+            for layer in layers:
+                inputs = layer(params, inputs)
+            return inputs
+        return chain
+    return None
+
+
+def _batched_forward(model: nn.Module, buffers: dict[str, Tensor]) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
+    forward = _layer_forward(model, "")
+    if forward is not None and not buffers:
+        return forward
+    # Any other model: torch.func maps the model's own forward over the run dimension.
+    base = model
+
+    def one_run(params: dict[str, Tensor], run_buffers: dict[str, Tensor], inputs: Tensor) -> Tensor:
+        return torch.func.functional_call(base, {**params, **run_buffers}, (inputs,))
+
+    mapped = torch.func.vmap(one_run)
+    return lambda params, inputs: mapped(params, buffers, inputs)
+
+
+def _batched_loss(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """Per-run losses ``(R,)`` from outputs ``(R, B, ...)`` and targets ``(R, B, ...)``."""
+    if loss_fn is F.cross_entropy:
+        def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
+            runs, batch = targets.shape[:2]
+            losses = F.cross_entropy(outputs.reshape(runs * batch, -1), targets.reshape(-1), reduction="none")
+            return losses.view(runs, batch).mean(dim=1)
+        return cross_entropy
+    return torch.func.vmap(loss_fn)
+
+
+# ---------------------------------------------------------------------------------------
+# Batched update rules: the optimizers' math with a per-run learning rate.
+#
+# Every operation that does not involve the learning rate is the optimizer's own
+# (ravine.transforms, with the same shared hyperparameters); the learning rate enters as
+# a float64 tensor (R,) combined with the other factors as the optimizer combines its
+# Python float, then rounded to the parameters' dtype and broadcast over each run.
+
+
+def _per_run(values: Tensor, like: Tensor) -> Tensor:
+    return values.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def _add_scaled_(params: list[Tensor], directions: list[Tensor], factors: Tensor) -> None:
+    r""":math:`\theta^{(r)} \leftarrow \theta^{(r)} + c^{(r)} d^{(r)}` for every run ``r``."""
+    for param, direction in zip(params, directions, strict=True):
+        param.addcmul_(direction, _per_run(factors, param))
+
+
+def _add_scaled_quotient_(
+    params: list[Tensor], numerators: list[Tensor], denominators: list[Tensor], factors: Tensor
+) -> None:
+    r""":math:`\theta^{(r)} \leftarrow \theta^{(r)} + c^{(r)} n^{(r)} / d^{(r)}` for every run ``r``."""
+    # (c n) / d is the order in which addcdiv applies its scalar, so each run's numbers
+    # are those of the optimizer's own step.
+    for param, numerator, denominator in zip(params, numerators, denominators, strict=True):
+        param.addcdiv_(numerator * _per_run(factors, param), denominator)
+
+
+class _Rule:
+    def __init__(self, group: dict[str, Any]) -> None:
+        self.group = group
+
+    def init_state(self, params: list[Tensor]) -> dict[str, list[Tensor]]:
+        return {}
+
+    def update(self, params, grads, state, lr: Tensor, step: int) -> None:
+        raise NotImplementedError
+
+    def _gradient(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        group = self.group
+        if group["maximize"]:
+            grads = T.negate(grads)
+        weight_decay = T.scalar(group["weight_decay"])
+        if weight_decay != 0 and not group.get("decoupled_weight_decay", False):
+            grads = T.add_l2_penalty(grads, params, weight_decay)
+        return grads
+
+
+class _SGDRule(_Rule):
+    """:class:`ravine.optim.SGD`: momentum, dampening, Nesterov, L2 weight decay."""
+
+    def init_state(self, params):
+        return {"momentum_buffer": []} if self.group["momentum"] != 0 else {}
+
+    def update(self, params, grads, state, lr, step):
+        group = self.group
+        momentum = group["momentum"]
+        grads = self._gradient(params, grads)
+        if momentum != 0:
+            buffers = state["momentum_buffer"]
+            if not buffers:  # the first step: the buffer starts as a copy of the gradient
+                buffers.extend(grad.detach().clone() for grad in grads)
+            else:
+                T.momentum_trace_(buffers, grads, momentum, group["dampening"])
+            grads = T.nesterov_direction(grads, buffers, momentum) if group["nesterov"] else buffers
+        _add_scaled_(params, grads, -lr)
+
+
+class _AdamRule(_Rule):
+    """:class:`ravine.optim.Adam` and :class:`~ravine.optim.AdamW`, with AMSGrad."""
+
+    def init_state(self, params):
+        state = {
+            "exp_avg": [torch.zeros_like(p) for p in params],
+            "exp_avg_sq": [torch.zeros_like(p) for p in params],
+        }
+        if self.group["amsgrad"]:
+            state["max_exp_avg_sq"] = [torch.zeros_like(p) for p in params]
+        return state
+
+    def update(self, params, grads, state, lr, step):
+        group = self.group
+        beta1, beta2 = (T.scalar(beta) for beta in group["betas"])
+        weight_decay = T.scalar(group["weight_decay"])
+        if weight_decay != 0 and group["decoupled_weight_decay"]:
+            factors = 1 - lr * weight_decay
+            for param in params:
+                param.mul_(_per_run(factors, param))
+        grads = self._gradient(params, grads)
+        T.moving_average_(state["exp_avg"], grads, beta1)
+        T.moving_average_of_squares_(state["exp_avg_sq"], grads, beta2)
+        second_moments = state["exp_avg_sq"]
+        if group["amsgrad"]:
+            T.running_maximum_(state["max_exp_avg_sq"], second_moments)
+            second_moments = state["max_exp_avg_sq"]
+        denominators = T.adam_denominator(second_moments, T.bias_correction_root(beta2, step), group["eps"])
+        _add_scaled_quotient_(params, state["exp_avg"], denominators, -(lr / T.bias_correction(beta1, step)))
+
+
+class _RMSpropRule(_Rule):
+    """:class:`ravine.optim.RMSprop`: centered and momentum variants."""
+
+    def init_state(self, params):
+        state = {"square_avg": [torch.zeros_like(p) for p in params]}
+        if self.group["momentum"] > 0:
+            state["momentum_buffer"] = [torch.zeros_like(p) for p in params]
+        if self.group["centered"]:
+            state["grad_avg"] = [torch.zeros_like(p) for p in params]
+        return state
+
+    def update(self, params, grads, state, lr, step):
+        group = self.group
+        grads = self._gradient(params, grads)
+        T.moving_average_of_squares_(state["square_avg"], grads, group["alpha"])
+        if group["centered"]:
+            T.moving_average_(state["grad_avg"], grads, group["alpha"])
+            roots = T.centered_root_of_(state["square_avg"], state["grad_avg"], group["eps"])
+        else:
+            roots = T.root_of_(state["square_avg"], group["eps"])
+        if group["momentum"] > 0:
+            buffers = state["momentum_buffer"]
+            T.scale_(buffers, group["momentum"])
+            torch._foreach_addcdiv_(buffers, grads, roots)
+            _add_scaled_(params, buffers, -lr)
+        else:
+            _add_scaled_quotient_(params, grads, roots, -lr)
+
+
+class _AdagradRule(_Rule):
+    """:class:`ravine.optim.Adagrad`, with learning-rate decay."""
+
+    def init_state(self, params):
+        value = self.group["initial_accumulator_value"]
+        return {"sum": [torch.full_like(p, value) for p in params]}
+
+    def update(self, params, grads, state, lr, step):
+        group = self.group
+        grads = self._gradient(params, grads)
+        T.accumulate_squares_(state["sum"], grads)
+        roots = T.root_of_(state["sum"], group["eps"])
+        _add_scaled_quotient_(params, grads, roots, -lr / (1 + (step - 1) * group["lr_decay"]))
+
+
+_RULES: dict[type, type[_Rule]] = {
+    SGD: _SGDRule, Adam: _AdamRule, AdamW: _AdamRule, RMSprop: _RMSpropRule, Adagrad: _AdagradRule,
+}
+
+
+def _rule_for(optimizer: torch.optim.Optimizer) -> type[_Rule] | None:
+    if len(optimizer.param_groups) != 1:
+        return None
+    group = optimizer.param_groups[0]
+    if any(isinstance(value, Tensor) and value.numel() != 1 for value in group.values()):
+        return None
+    if group.get("state_dtype") is not None:
+        return None  # moment buffers kept in another dtype: the batched rules keep them in the parameter's
+    # Exact classes only: a subclass may change the rule.
+    return _RULES.get(type(optimizer))
+
+
+def _clip_per_run_(grads: list[Tensor], max_norm: float) -> None:
+    r"""Scale each run's gradients by :math:`\min(1, c / (\lVert g^{(r)}\rVert + 10^{-6}))`,
+    with :math:`\lVert g^{(r)}\rVert` the global 2-norm of run ``r``'s gradients alone
+    (as :func:`ravine.clip_grad_norm_` does for one run)."""
+    runs = grads[0].shape[0]
+    norms = torch.stack([torch.linalg.vector_norm(grad.reshape(runs, -1), dim=1) for grad in grads], dim=1)
+    total = torch.linalg.vector_norm(norms, dim=1)  # each run's row is contiguous, as in clip_grad_norm_
+    coefficients = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for grad in grads:
+        grad.mul_(_per_run(coefficients, grad))
+
+
+# ---------------------------------------------------------------------------------------
+# The training loop
+
+
+class _Run:
+    """What one run measures, step by step, as train() does."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.train_losses: list[float] = []
+        self.eval_steps: list[int] = []
+        self.test_losses: list[float] = []
+        self.test_metrics: list[float] = []
+        self.initial_loss: float | None = None
+        self.limit = math.inf
+        self.above_since: int | None = None
+        self.diverged_at: int | None = None
+        self.steps = 0
+
+    @property
+    def active(self) -> bool:
+        return self.diverged_at is None
+
+    def check(self, step: int, value: float) -> bool:
+        """Record the loss before a step; whether the run goes on (train()'s divergence test)."""
+        config = self.config
+        if self.initial_loss is None:
+            self.initial_loss = value
+            self.limit = value + config.divergence_factor * max(abs(value), 1e-8)
+        if value > self.limit:
+            self.above_since = step if self.above_since is None else self.above_since
+        else:
+            self.above_since = None
+        if not math.isfinite(value) or (
+            self.above_since is not None and step - self.above_since + 1 >= config.divergence_patience
+        ):
+            self.diverged_at = step if self.above_since is None else self.above_since
+            self.train_losses.append(value if math.isfinite(value) else math.nan)
+            return False
+        return True
+
+
+class _BatchedTraining:
+    def __init__(self, task: Task, configs: list[TrainConfig], progress: BatchedProgress | None) -> None:
+        self.task = task
+        self.configs = configs
+        self.progress = progress
+        self.runs = [_Run(config) for config in configs]
+
+    def run(self, return_parameters: bool) -> Any:
+        task, configs = self.task, self.configs
+        first = configs[0]
+        count = len(configs)
+        data = task.data
+        name, spec_arguments = registry.parse_spec(first.optimizer)
+        steps_per_epoch = math.ceil(data.num_train / first.batch_size)
+        total_steps = first.steps if first.steps is not None else first.epochs * steps_per_epoch
+
+        wall_start = time.perf_counter()
+        models = [task.make_model(config.seed) for config in configs]
+        for model in models:
+            model.train()
+        # A real optimizer per run, on a throwaway parameter, gives each run's
+        # hyperparameters (spec, presets and defaults, checked) and drives its schedule.
+        probes = [
+            registry.create(config.optimizer, [nn.Parameter(torch.zeros(1))],
+                            **({} if config.lr is None else {"lr": config.lr}))
+            for config in configs
+        ]
+        rule_class = _rule_for(probes[0])
+        if rule_class is None:
+            raise ValueError(
+                f"optimizer {first.optimizer!r} cannot be batched; batched optimizers: "
+                f"{', '.join(BATCHED_OPTIMIZERS)}"
+            )
+        base_lrs = [float(probe.param_groups[0]["lr"]) for probe in probes]
+        state_bytes = _state_bytes_after_one_step(first, task.make_model(first.seed))
+        rule = rule_class(dict(probes[0].param_groups[0]))
+        # Each probe also carries its run's schedule, built as train() builds it, so the
+        # learning rate of every step is the one the run would have on its own.
+        schedulers = [_make_scheduler(first.schedule, probe, lr, total_steps) for probe, lr in zip(probes, base_lrs)]
+
+        # Run r is slice [r] of every stacked tensor.
+        named = [dict(model.named_parameters()) for model in models]
+        params = {key: torch.stack([run[key].detach() for run in named]).requires_grad_(True) for key in named[0]}
+        named_buffers = [dict(model.named_buffers()) for model in models]
+        buffers = {key: torch.stack([run[key] for run in named_buffers]) for key in named_buffers[0]}
+        names = list(params)
+        tensors = [params[key] for key in names]
+        forward = _batched_forward(models[0], buffers)
+        per_run_loss = _batched_loss(task.loss_fn)
+        state = rule.init_state(tensors)
+        memory_before, memory_method = _reset_peak_memory()
+
+        shuffles = {seed: torch.Generator().manual_seed(seed) for seed in sorted({c.seed for c in configs})}
+        alive = torch.ones(count, dtype=torch.bool)
+        step_durations: list[float] = []
+        optimizer_durations: list[float] = []
+
+        self._evaluate(forward, params, 0)
+        step = 0
+        while step < total_steps and any(run.active for run in self.runs):
+            # Each run draws its epoch's order from its own seed's generator, as train()
+            # does; runs that share a seed share the order.
+            orders = {seed: torch.randperm(data.num_train, generator=g) for seed, g in shuffles.items()}
+            order = torch.stack([orders[config.seed] for config in configs])
+            for start in range(0, data.num_train, first.batch_size):
+                if step >= total_steps:
+                    break
+                index = order[:, start : start + first.batch_size]
+                inputs, targets = data.train_inputs[index], data.train_targets[index]
+                began = time.perf_counter()
+                for tensor in tensors:
+                    tensor.grad = None
+                losses = per_run_loss(forward(params, inputs), targets)
+                values = losses.detach().tolist()
+                stopped = []
+                for index_, (run, value) in enumerate(zip(self.runs, values)):
+                    if run.active and not run.check(step, value):
+                        stopped.append(index_)
+                alive[stopped] = False
+                if not alive.any():
+                    break
+                losses.sum().backward()
+                grads = [tensor.grad for tensor in tensors]
+                if first.clip_norm is not None:
+                    _clip_per_run_(grads, first.clip_norm)
+                lr = torch.tensor([float(p.param_groups[0]["lr"]) for p in probes], dtype=torch.float64) * alive
+                step_began = time.perf_counter()
+                with torch.no_grad():
+                    rule.update(tensors, grads, state, lr, step + 1)
+                ended = time.perf_counter()
+                for scheduler in schedulers:
+                    if scheduler is not None:
+                        scheduler.step()
+                if stopped:
+                    self._retire(stopped, tensors, state)
+                active = int(alive.sum())
+                step_durations.append((ended - began) / active)
+                optimizer_durations.append((ended - step_began) / active)
+                step += 1
+                for index_, (run, value) in enumerate(zip(self.runs, values)):
+                    if run.active:
+                        run.train_losses.append(value)
+                        run.steps = step
+                        if self.progress is not None:
+                            self.progress(index_, step, total_steps, value)
+            if step % steps_per_epoch == 0 or step >= total_steps:
+                finished = self._evaluate(forward, params, step)
+                if finished:
+                    alive[finished] = False
+                    self._retire(finished, tensors, state)
+
+        for run in self.runs:
+            if run.diverged_at is None and run.above_since is not None:
+                run.diverged_at = run.above_since  # the budget ran out far above the start
+        peak_memory = max(0, _peak_memory() - memory_before)
+        wall = time.perf_counter() - wall_start
+        parameter_count = sum(p[0].numel() for p in tensors)
+        parameter_bytes = sum(p[0].numel() * p.element_size() for p in tensors)
+        results = []
+        for config, probe, lr, run in zip(configs, probes, base_lrs, self.runs, strict=True):
+            hyperparameters = registry.describe(config.optimizer)
+            hyperparameters["lr"] = lr
+            ok = run.diverged_at is None
+            finite = [value for value in run.train_losses if math.isfinite(value)]
+            tail = max(1, min(steps_per_epoch, math.ceil(0.1 * len(finite)))) if finite else 1
+            durations = step_durations[: run.steps]
+            results.append(RunResult(
+                task=task.name,
+                optimizer=name,
+                spec=config.optimizer if config.lr is None else format_spec(name, {**spec_arguments, "lr": lr}),
+                lr=lr,
+                seed=config.seed,
+                batch_size=config.batch_size,
+                schedule=config.schedule,
+                clip_norm=config.clip_norm,
+                hyperparameters=_plain(hyperparameters),
+                status="ok" if ok else "diverged",
+                steps_planned=total_steps,
+                steps=run.steps,
+                steps_per_epoch=steps_per_epoch,
+                diverged_at_step=run.diverged_at,
+                initial_loss=run.initial_loss if run.initial_loss is not None else math.nan,
+                final_train_loss=sum(finite[-tail:]) / tail if ok and finite else math.nan,
+                final_test_loss=run.test_losses[-1] if ok else math.nan,
+                final_test_metric=run.test_metrics[-1] if ok else math.nan,
+                metric_name=task.metric_name,
+                higher_is_better=task.higher_is_better,
+                train_loss=run.train_losses,
+                eval_steps=run.eval_steps,
+                eval_epochs=[s / steps_per_epoch for s in run.eval_steps],
+                test_loss=run.test_losses,
+                test_metric=run.test_metrics,
+                wall_time_s=wall / count,
+                train_time_s=math.fsum(durations),
+                time_per_step_s=statistics.median(durations) if durations else math.nan,
+                optimizer_step_time_s=(
+                    statistics.median(optimizer_durations[: run.steps]) if run.steps else math.nan
+                ),
+                state_bytes=state_bytes,
+                parameter_count=parameter_count,
+                parameter_bytes=parameter_bytes,
+                peak_memory_bytes=peak_memory // count,
+                peak_memory_method=f"{memory_method}, shared by {count} batched runs",
+                torch_threads=torch.get_num_threads(),
+                extra={"batched_runs": count},
+            ))
+        if not return_parameters:
+            return results
+        final = [{key: params[key][r].detach().clone() for key in names} for r in range(count)]
+        return results, final
+
+    @torch.no_grad()
+    def _evaluate(self, forward, params: dict[str, Tensor], step: int) -> list[int]:
+        """Test loss and metric of every active run, as train()'s evaluate() computes
+        them; returns the runs whose test loss is not finite (they diverged here)."""
+        task = self.task
+        inputs, targets = task.data.test_inputs, task.data.test_targets
+        count = len(self.runs)
+        sums = [[0.0, 0.0] for _ in range(count)]
+        for start in range(0, len(inputs), task.eval_batch_size):
+            batch_inputs = inputs[start : start + task.eval_batch_size]
+            batch_targets = targets[start : start + task.eval_batch_size]
+            outputs = forward(params, batch_inputs.expand(count, *batch_inputs.shape))
+            for r, run in enumerate(self.runs):
+                if run.active:
+                    sums[r][0] += float(task.loss_fn(outputs[r], batch_targets)) * len(batch_inputs)
+                    sums[r][1] += float(task.metric_fn(outputs[r], batch_targets)) * len(batch_inputs)
+        diverged = []
+        for r, run in enumerate(self.runs):
+            if not run.active:
+                continue
+            loss = sums[r][0] / len(inputs)
+            run.eval_steps.append(step)
+            run.test_losses.append(loss)
+            run.test_metrics.append(sums[r][1] / len(inputs))
+            if not math.isfinite(loss):
+                run.diverged_at = step
+                diverged.append(r)
+        return diverged
+
+    @torch.no_grad()
+    def _retire(self, runs: list[int], tensors: list[Tensor], state: dict[str, list[Tensor]]) -> None:
+        """Zero the weights and state of runs that diverged (their learning rate is
+        zero from now on), so that their slices stay finite."""
+        for r in runs:
+            for tensor in tensors:
+                tensor[r].zero_()
+            for buffers in state.values():
+                for buffer in buffers:
+                    buffer[r].zero_()
+
+
+def _state_bytes_after_one_step(config: TrainConfig, model: nn.Module) -> int:
+    """Bytes of the run's optimizer state after one step on zero gradients (on a
+    throwaway ``model``), as train() measures after its first step."""
+    optimizer = registry.create(config.optimizer, model.parameters(), **({} if config.lr is None else {"lr": config.lr}))
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    return optimizer_state_bytes(optimizer)
