@@ -28,11 +28,13 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(ravine.optim.base, "BLOCK_ELEMENTS", 64)
 
 
-def make_params(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+def make_params(dtype: torch.dtype, seed: int = 0, shapes: list[tuple[int, ...]] | None = None) -> list[torch.Tensor]:
+    shapes = shapes or SHAPES
     generator = torch.Generator().manual_seed(seed)
-    params = [torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype) for shape in SHAPES]
+    params = [torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype) for shape in shapes]
     # A non-contiguous leaf: the transpose of a (6, 5) tensor.
-    params[-1] = torch.randn(6, 5, generator=generator, dtype=torch.float64).to(dtype).t()
+    rows, columns = shapes[-1]
+    params[-1] = torch.randn(columns, rows, generator=generator, dtype=torch.float64).to(dtype).t()
     return params
 
 
@@ -50,10 +52,10 @@ def gradient_stream(params: list[torch.Tensor], step: int, seed: int = 1) -> lis
 
 
 def run_pair(case, options, dtype, steps=STEPS):
-    base = make_params(dtype)
+    base = make_params(dtype, shapes=case.shapes)
     torch_params = [p.clone().requires_grad_() for p in base]
     ravine_params = [p.clone().requires_grad_() for p in base]
-    torch_opt = case.torch_cls(torch_params, foreach=False, **clone_options(options))
+    torch_opt = case.torch_cls(torch_params, **case.torch_loop_options, **clone_options(options))
     ravine_opt = case.ravine_cls(ravine_params, **clone_options(options))
     for step in range(steps):
         for grads_for, params in ((gradient_stream(base, step), torch_params), (gradient_stream(base, step), ravine_params)):
@@ -88,20 +90,20 @@ def test_matches_torch_for_loop(case, options, dtype):
         torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-6, atol=0.0)
     assert_state_close(torch_opt, ravine_opt, rtol=1e-6, atol=0.0)
     # The run actually moved the parameters (a zero learning rate keeps them).
-    base = make_params(dtype)
+    base = make_params(dtype, shapes=case.shapes)
     moved = any(not torch.equal(p.detach(), b) for p, b in zip(ravine_params, base))
     lr = options.get("lr", 1.0)
     assert moved == (float(lr) != 0.0)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+@pytest.mark.parametrize("case", [case for case in CASES if case.takes_complex], ids=lambda case: case.name)
 def test_complex_parameters_match_torch(case):
     generator = torch.Generator().manual_seed(3)
     base = [torch.randn(4, 3, dtype=torch.complex64, generator=generator), torch.randn(5, dtype=torch.complex64, generator=generator)]
     torch_params = [p.clone().requires_grad_() for p in base]
     ravine_params = [p.clone().requires_grad_() for p in base]
     options = clone_options(case.options[-2])
-    torch_opt = case.torch_cls(torch_params, foreach=False, **clone_options(options))
+    torch_opt = case.torch_cls(torch_params, **case.torch_loop_options, **clone_options(options))
     ravine_opt = case.ravine_cls(ravine_params, **options)
     for _ in range(20):
         grads = [torch.randn(p.shape, dtype=p.dtype, generator=generator) for p in base]
@@ -114,11 +116,23 @@ def test_complex_parameters_match_torch(case):
         torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-6, atol=0.0)
 
 
+@pytest.mark.parametrize("case", [case for case in CASES if not case.takes_complex], ids=lambda case: case.name)
+def test_complex_parameters_refused_as_torch_refuses_them(case):
+    """A clear ValueError when the parameters are given; torch raises at the first step."""
+    matrix = torch.randn(4, 3, dtype=torch.complex64, requires_grad=True)
+    with pytest.raises(ValueError, match="complex"):
+        case.ravine_cls([matrix])
+    matrix.grad = torch.ones_like(matrix)
+    with pytest.raises(RuntimeError, match="complex"):
+        case.torch_cls([matrix]).step()
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_training_with_closure_matches_torch(case):
     """A real model trained through ``step(closure)`` with two param groups."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    bias = case.takes_vectors
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16, bias=bias), torch.nn.Tanh(), torch.nn.Linear(16, 3, bias=bias))
     twin = copy.deepcopy(model)
     x = torch.randn(64, 8)
     y = torch.randint(0, 3, (64,))
@@ -131,7 +145,7 @@ def test_training_with_closure_matches_torch(case):
         ]
 
     optimizers = [
-        case.torch_cls(groups(model), foreach=False, **clone_options(options)),
+        case.torch_cls(groups(model), **case.torch_loop_options, **clone_options(options)),
         case.ravine_cls(groups(twin), **clone_options(options)),
     ]
     losses = {0: [], 1: []}

@@ -15,7 +15,8 @@ def params():
 
 def test_available_lists_the_seed_optimizers():
     names = ravine.available()
-    for name in ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw"]:
+    for name in ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw",
+                 "nadam", "radam", "adamax", "adafactor", "muon"]:
         assert name in names
 
 
@@ -31,6 +32,10 @@ def test_available_lists_the_seed_optimizers():
         ("amsgrad", ravine.Adam, {"amsgrad": True}),
         ("rmsprop-centered(momentum=0.5)", ravine.RMSprop, {"centered": True, "momentum": 0.5}),
         (" adagrad ( lr = 0.5 ) ", ravine.Adagrad, {"lr": 0.5}),
+        ("nadam(momentum_decay=0.01)", ravine.NAdam, {"lr": 2e-3, "momentum_decay": 0.01}),
+        ("radam(decoupled_weight_decay=True)", ravine.RAdam, {"decoupled_weight_decay": True}),
+        ("adamax(betas=(0.8, 0.99))", ravine.Adamax, {"lr": 2e-3, "betas": (0.8, 0.99)}),
+        ("adafactor(eps=(None, 0.01))", ravine.Adafactor, {"lr": 1e-2, "eps": (None, 0.01)}),
     ],
 )
 def test_create_builds_the_named_optimizer(spec, cls, expected):
@@ -92,3 +97,16 @@ def test_check_spec_checks_values_too(spec, fragment):
     with pytest.raises(ValueError) as error:  # ... the values are not
         registry.check_spec(spec)
     assert fragment in str(error.value)
+
+
+def test_muon_by_name_splits_any_model():
+    """"muon" is Muon for matrices with an AdamW fallback for the rest, one lr for both."""
+    matrix, bias = torch.nn.Parameter(torch.ones(3, 2)), torch.nn.Parameter(torch.ones(3))
+    optimizer = ravine.create("muon(lr=0.02)", [matrix, bias])
+    assert type(optimizer) is ravine.MuonWithAdamW
+    muon_group, adamw_group = optimizer.param_groups
+    assert (muon_group["params"], muon_group["adjust_lr_fn"], muon_group["lr"]) == ([matrix], "match_rms_adamw", 0.02)
+    assert (adamw_group["params"], adamw_group["lr"], adamw_group["betas"]) == ([bias], 0.02, (0.9, 0.999))
+    assert registry.describe("muon")["adjust_lr_fn"] == "match_rms_adamw"
+    with pytest.raises(ValueError, match="ns_steps"):
+        registry.check_spec("muon(ns_steps=200)")

@@ -281,10 +281,11 @@ class MuonWithAdamW(Muon):
                 super().add_param_group(part)
                 continue
             part = {**self.adamw_defaults, **part}
+            given = set(part)
             RavineOptimizer.add_param_group(self, part)
             group = self.param_groups[-1]
             for key in _MUON_ONLY_KEYS:
-                if key not in part:
+                if key not in given:
                     group.pop(key, None)  # filled in from Muon's defaults; AdamW has no use for it
 
     def check_group(self, group: dict[str, Any]) -> None:
