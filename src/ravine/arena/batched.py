@@ -498,7 +498,9 @@ class _BatchedTraining:
                 if step >= total_steps:
                     break
                 index = order[:, start : start + first.batch_size]
-                inputs, targets = data.train_inputs[index], data.train_targets[index]
+                rows = index.reshape(-1)  # one gather for every run's batch
+                inputs = data.train_inputs.index_select(0, rows).view(*index.shape, *data.train_inputs.shape[1:])
+                targets = data.train_targets.index_select(0, rows).view(*index.shape, *data.train_targets.shape[1:])
                 began = time.perf_counter()
                 for tensor in tensors:
                     tensor.grad = None
