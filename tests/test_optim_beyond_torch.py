@@ -728,3 +728,31 @@ def test_advisor_range_test_records_the_loss_at_x(monkeypatch):
         result = advise_module.lr_range_test(model, torch.nn.functional.cross_entropy, batch, spec=name,
                                              lr_range=(1e-4, 1.0), steps=12)
         assert all(math.isfinite(value) for value in result.losses)
+
+
+def test_extreme_values_are_refused_by_name_or_step_finitely():
+    huge = 3.402823466385289e38  # just above float32's largest value
+    for cls, kwargs, argument in [
+        (ravine.ScheduleFreeAdamW, {"lr": huge}, "lr"),
+        (ravine.ScheduleFreeSGD, {"weight_decay": huge}, "weight_decay"),
+        (ravine.Lamb, {"weight_decay": huge}, "weight_decay"),
+    ]:
+        with pytest.raises(ValueError, match=argument):
+            cls([torch.nn.Parameter(torch.ones(2))], **kwargs)
+    # Sign steps take any lr: every coordinate moves by exactly lr.
+    for cls in (ravine.Lion, ravine.Signum):
+        p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+        optimizer = cls([p], lr=huge)
+        p.grad = torch.tensor([1.0, -1.0], dtype=torch.float64)
+        optimizer.step()
+        assert p.detach().tolist() == [-huge, huge]
+    # Averaging weights t^r that overflow: the newest point takes the whole weight (x = z).
+    p = torch.nn.Parameter(torch.ones(3))
+    optimizer = ravine.ScheduleFreeSGD([p], lr=0.1, r=1024.0)
+    for _ in range(3):
+        p.grad = torch.ones(3)
+        optimizer.step()
+    z = optimizer.state[p]["z"].clone()
+    assert torch.isfinite(p).all()
+    optimizer.eval()
+    torch.testing.assert_close(p.detach(), z)

@@ -83,7 +83,9 @@ class Lamb(RavineOptimizer):
         check_range("betas[0]", betas[0], 0.0, 1.0, high_open=True)
         check_range("betas[1]", betas[1], 0.0, 1.0, high_open=True)
         check_range("eps", group["eps"], 0.0)
-        check_range("weight_decay", group["weight_decay"], 0.0)
+        # weight_decay scales the parameters through torch's ``alpha``, which refuses
+        # values beyond float32's range on float32 parameters.
+        check_range("weight_decay", group["weight_decay"], 0.0, float(torch.finfo(torch.float32).max))
         if not isinstance(group["bias_correction"], bool):
             raise ValueError(f"bias_correction must be True or False, got {group['bias_correction']!r}")
 

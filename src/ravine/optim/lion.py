@@ -94,7 +94,8 @@ class Lion(RavineOptimizer):
         torch._foreach_sign_(directions)
         if weight_decay != 0:
             T.decay_weights_(params, 1 - lr * weight_decay)
-        T.add_(params, directions, -lr)
+        torch._foreach_mul_(directions, -lr)  # exact (signs); an alpha would refuse lr > float32's max
+        torch._foreach_add_(params, directions)
         T.scale_(exp_avgs, beta2)  # m = b2 m + (1 - b2) g
         T.add_(exp_avgs, grads, 1 - beta2)
 

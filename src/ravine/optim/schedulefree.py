@@ -35,6 +35,7 @@ overwrites them with the normalised direction).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,6 +47,8 @@ from ravine.optim.base import RavineOptimizer, check_range, scalar
 from ravine.optim.lion import check_betas
 
 __all__ = ["ScheduleFreeAdamW", "ScheduleFreeSGD", "evaluation_mode", "has_evaluation_mode"]
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def has_evaluation_mode(optimizer: Any) -> bool:
@@ -90,8 +93,10 @@ class _ScheduleFree(RavineOptimizer):
         raise NotImplementedError
 
     def _check_schedule(self, group: dict[str, Any]) -> None:
-        check_range("lr", group["lr"], 0.0)
-        check_range("weight_decay", group["weight_decay"], 0.0)
+        # lr and weight_decay scale tensors through torch's ``alpha`` arguments, which
+        # refuse values beyond float32's range on float32 parameters.
+        check_range("lr", group["lr"], 0.0, _FLOAT32_MAX)
+        check_range("weight_decay", group["weight_decay"], 0.0, _FLOAT32_MAX)
         warmup_steps = group["warmup_steps"]
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
@@ -157,12 +162,21 @@ class _ScheduleFree(RavineOptimizer):
 
     @staticmethod
     def _weight(group: dict[str, Any], k: int) -> float:
-        return (k ** scalar(group["r"])) * (group["lr_max"] ** scalar(group["weight_lr_power"]))
+        try:
+            return (k ** scalar(group["r"])) * (group["lr_max"] ** scalar(group["weight_lr_power"]))
+        except OverflowError:  # huge r or weight_lr_power: the newest point outweighs all
+            return math.inf
 
     def _averaging(self, group: dict[str, Any]) -> float:
-        """:math:`c_{k} = w_k / \\sum_{i \\le k} w_i` of the step just counted (0 if the sum is 0)."""
+        """:math:`c_{k} = w_k / \\sum_{i \\le k} w_i` of the step just counted (0 if the
+        sum is 0; 1 if the weight overflowed, the limit of ever larger weights)."""
         weight_sum = group["weight_sum"]
-        return self._weight(group, group["k"]) / weight_sum if weight_sum != 0 else 0.0
+        weight = self._weight(group, group["k"])
+        if weight_sum == 0:
+            return 0.0
+        if math.isinf(weight):
+            return 1.0
+        return weight / weight_sum
 
     def advance_steps(self, group, dense) -> list[float]:
         for p, state in dense:

@@ -102,4 +102,5 @@ class Signum(RavineOptimizer):
                 torch._foreach_neg_(directions)
         if weight_decay != 0:
             T.decay_weights_(params, 1 - lr * weight_decay)
-        T.add_(params, directions, -lr)
+        torch._foreach_mul_(directions, -lr)  # exact (signs); an alpha would refuse lr > float32's max
+        torch._foreach_add_(params, directions)
