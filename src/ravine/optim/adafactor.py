@@ -47,7 +47,8 @@ class Adafactor(RavineOptimizer):
         lr: :math:`\eta` >= 0 (float or 1-element tensor), also the cap of the relative
         step size. beta2_decay: :math:`\tau` <= 0. eps: :math:`(\epsilon_1, \epsilon_2)`,
         each >= 0; :math:`\epsilon_1` None means the machine epsilon of the parameter's
-        dtype. d: clipping threshold :math:`d` >= 1 of the update's RMS. weight_decay:
+        dtype (torch applies the first parameter's to every parameter of a step, which
+        differs only in a group that mixes dtypes). d: clipping threshold :math:`d` >= 1 of the update's RMS. weight_decay:
         :math:`\lambda` >= 0 (decoupled). maximize: ascend instead of descend.
     """
 

@@ -112,17 +112,16 @@ class RAdam(RavineOptimizer):
 
         # eta * m_t / (1 - beta1^t), in torch.optim.RAdam's order of operations.
         updates = torch._foreach_div(exp_avgs, [T.bias_correction(beta1, step) for step in steps])
-        updates = list(torch._foreach_mul(updates, scalar(lr)))
+        T.scale_(updates, scalar(lr))
         rectified = [index for index, step in enumerate(steps) if variance_tractability(beta2, step) > 5.0]
         if rectified:
             # ... times sqrt(1 - beta2^t) / (sqrt(v_t) + eps) times r_t where rho_t > 5.
             adaptive = T.root_of_([exp_avg_sqs[i] for i in rectified], group["eps"])
             torch._foreach_reciprocal_(adaptive)
-            adaptive = torch._foreach_mul(adaptive, [T.bias_correction(beta2, steps[i]) ** 0.5 for i in rectified])
-            scaled = torch._foreach_mul([updates[i] for i in rectified], adaptive)
-            scaled = torch._foreach_mul(scaled, [rectification(beta2, steps[i]) for i in rectified])
-            for index, tensor in zip(rectified, scaled):
-                updates[index] = tensor
+            _scale_each_(adaptive, [T.bias_correction(beta2, steps[i]) ** 0.5 for i in rectified])
+            chosen = [updates[i] for i in rectified]
+            torch._foreach_mul_(chosen, adaptive)
+            _scale_each_(chosen, [rectification(beta2, steps[i]) for i in rectified])
         T.add_(params, updates, -1.0)
 
 
@@ -139,3 +138,13 @@ def rectification(beta2: float, step: float) -> float:
     rho_inf = 2 / (1 - beta2) - 1
     rho_t = variance_tractability(beta2, step)
     return ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+
+
+def _scale_each_(tensors: list[Tensor], factors: list[float]) -> None:
+    # As transforms.scale_, with one factor per tensor: torch's in-place list multiply
+    # rounds the factors to bfloat16/float16 first, Tensor.mul_ does not.
+    if all(tensor.dtype in (torch.float32, torch.float64) for tensor in tensors):
+        torch._foreach_mul_(tensors, factors)
+    else:
+        for tensor, factor in zip(tensors, factors):
+            tensor.mul_(factor)
