@@ -48,8 +48,9 @@ class Adafactor(RavineOptimizer):
         step size. beta2_decay: :math:`\tau` <= 0. eps: :math:`(\epsilon_1, \epsilon_2)`,
         each >= 0; :math:`\epsilon_1` None means the machine epsilon of the parameter's
         dtype (torch applies the first parameter's to every parameter of a step, which
-        differs only in a group that mixes dtypes). d: clipping threshold :math:`d` >= 1 of the update's RMS. weight_decay:
-        :math:`\lambda` >= 0 (decoupled). maximize: ascend instead of descend.
+        differs only in a group that mixes dtypes). d: clipping threshold :math:`d` >= 1
+        of the update's RMS. weight_decay: :math:`\lambda` >= 0 (decoupled). maximize:
+        ascend instead of descend.
     """
 
     #: The step size depends on the whole tensor's RMS: coordinates are not independent.
