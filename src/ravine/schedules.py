@@ -130,7 +130,7 @@ class _Schedule:
         self._arguments = arguments
 
     def __call__(self, step: int) -> float:
-        if not step >= 0:
+        if isinstance(step, bool) or not isinstance(step, Real) or not step >= 0:
             raise ValueError(f"step must be >= 0 (got step={step!r})")
         return self._rule(step, **self._arguments)
 
@@ -160,7 +160,7 @@ def constant(value: float) -> Schedule:
 
 
 def _step_decay_rule(step: float, init_value: float, step_size: int, gamma: float) -> float:
-    return init_value * gamma ** (step // step_size)
+    return _scaled_power(init_value, gamma, step // step_size)
 
 
 def step_decay(init_value: float, step_size: int, gamma: float = 0.1) -> Schedule:
@@ -185,7 +185,7 @@ def step_decay(init_value: float, step_size: int, gamma: float = 0.1) -> Schedul
 def _multistep_rule(
     step: float, init_value: float, milestones: tuple[int, ...], gamma: float
 ) -> float:
-    return init_value * gamma ** bisect_right(milestones, step)
+    return _scaled_power(init_value, gamma, bisect_right(milestones, step))
 
 
 def multistep(init_value: float, milestones: Sequence[int], gamma: float = 0.1) -> Schedule:
@@ -208,7 +208,15 @@ def multistep(init_value: float, milestones: Sequence[int], gamma: float = 0.1) 
 
 
 def _exponential_rule(step: float, init_value: float, gamma: float) -> float:
-    return init_value * gamma**step
+    return _scaled_power(init_value, gamma, step)
+
+
+def _scaled_power(value: float, base: float, exponent: float) -> float:
+    """``value * base**exponent``; inf (not OverflowError) once growth passes any float."""
+    try:
+        return value * base**exponent
+    except OverflowError:
+        return math.inf if value > 0 else 0.0
 
 
 def exponential(init_value: float, gamma: float) -> Schedule:
