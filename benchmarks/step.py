@@ -17,10 +17,12 @@ import json
 import platform
 import statistics
 import time
+from functools import partial
 
 import torch
 
 import ravine
+from ravine.optim.quantized import AdamW8bit, SGD8bit
 
 # name -> (torch class, ravine class, kwargs, bytes moved per float32 parameter, torch paths)
 ALGORITHMS = {
@@ -45,6 +47,16 @@ ALGORITHMS = {
     "adam": (torch.optim.Adam, ravine.Adam, {"lr": 1e-3}, 28, ("for-loop", "foreach", "fused")),
     "adam-amsgrad": (torch.optim.Adam, ravine.Adam, {"lr": 1e-3, "amsgrad": True}, 36, ("for-loop", "foreach", "fused")),
     "adamw": (torch.optim.AdamW, ravine.AdamW, {"lr": 1e-3}, 28, ("for-loop", "foreach", "fused")),
+    # Low-memory state (docs/memory.md) against torch's float32 state: bytes per parameter
+    # are param r/w + grad + state r/w (bfloat16: 2 B, 8-bit: 1 B per buffer element).
+    "adam-bf16": (
+        torch.optim.Adam, partial(ravine.Adam, state_dtype=torch.bfloat16), {"lr": 1e-3}, 20, ("foreach", "fused")
+    ),
+    "adamw-8bit": (torch.optim.AdamW, AdamW8bit, {"lr": 1e-3}, 16, ("foreach", "fused")),
+    "sgd-momentum-bf16": (
+        torch.optim.SGD, partial(ravine.SGD, state_dtype=torch.bfloat16), {"lr": 0.01, "momentum": 0.9}, 16, ("foreach",)
+    ),
+    "sgd-momentum-8bit": (torch.optim.SGD, SGD8bit, {"lr": 0.01, "momentum": 0.9}, 14, ("foreach",)),
 }
 
 PATH_OPTIONS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}

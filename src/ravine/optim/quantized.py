@@ -19,7 +19,7 @@ A step reads each block's state back to float32, runs the optimizer's own update
 rule there (:class:`~ravine.optim.Adam`'s, :class:`~ravine.optim.SGD`'s, ...), and
 quantizes the new state with fresh scales, a chunk of 65,536 elements at a time,
 so the float32 copy never holds more than one chunk. Plain torch operations
-(``bucketize``, ``index_select``), so the same code runs on any device.
+(integer shifts and ``index_select`` on a lookup table), so the same code runs on any device.
 
 Parameters with fewer than ``min_8bit_size`` elements (4096, as in bitsandbytes)
 keep float32 state: the saving would be small and biases and norms are sensitive.
@@ -84,16 +84,35 @@ def dynamic_codebook(signed: bool) -> Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
-_CODEBOOKS: dict[tuple[bool, torch.device], tuple[Tensor, Tensor]] = {}
+_CODEBOOKS: dict[tuple[bool, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
+# Nearest-code search by table: the top 17 bits of a float32 (sign, exponent, 8
+# significand bits) cut [-1, 1] into buckets 2^-8 wide relative to their values, finer
+# than the codebook's closest midpoints (0.9/128 apart near 1 in the unsigned map,
+# 0.7%), so a bucket holds at most one midpoint and one comparison settles the code.
+_TABLE_SHIFT = 15
 
 
-def _codebook(signed: bool, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The codebook on ``device`` and the midpoints between its neighbours."""
+def _codebook(signed: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The codebook on ``device``, the midpoints between its neighbours, and for each
+    float32 bucket (see ``_TABLE_SHIFT``) the number of midpoints below the bucket."""
     key = (signed, torch.device(device))
     if key not in _CODEBOOKS:
-        codes = dynamic_codebook(signed).to(device)
-        _CODEBOOKS[key] = codes, (codes[1:] + codes[:-1]) / 2
+        codes = dynamic_codebook(signed)
+        midpoints = (codes[1:] + codes[:-1]) / 2
+        starts = torch.arange(1 << (32 - _TABLE_SHIFT), dtype=torch.int64) << _TABLE_SHIFT
+        low = starts.to(torch.int32).view(torch.float32)  # bucket start; for negative floats its largest value
+        high = (starts + (1 << _TABLE_SHIFT) - 1).to(torch.int32).view(torch.float32)
+        below = torch.bucketize(torch.minimum(low, high).nan_to_num(0.0), midpoints).clamp_(max=midpoints.numel() - 1)
+        _CODEBOOKS[key] = codes.to(device), midpoints.to(device), below.to(torch.int32).to(device)
     return _CODEBOOKS[key]
+
+
+def _nearest_codes(normalized: Tensor, midpoints: Tensor, table: Tensor) -> Tensor:
+    """Index of the nearest codebook entry for each float32 value (ties to the lower
+    one): ``torch.bucketize(normalized, midpoints)``, about 10x faster on a CPU."""
+    bucket = (normalized.reshape(-1).view(torch.int32) >> _TABLE_SHIFT) & ((1 << (32 - _TABLE_SHIFT)) - 1)
+    below = table.index_select(0, bucket)
+    return (below + (normalized.reshape(-1) > midpoints.index_select(0, below))).view(normalized.shape)
 
 
 def quantize_blockwise(
@@ -108,7 +127,7 @@ def quantize_blockwise(
     :math:`c_{k+1}` with probability :math:`(x - c_k) / (c_{k+1} - c_k)`, so the
     rounding is unbiased (drawn from torch's global random number generator).
     """
-    codebook, midpoints = _codebook(signed, values.device)
+    codebook, midpoints, table = _codebook(signed, values.device)
     flat = values.reshape(-1).float()
     count = flat.numel()
     blocks = -(-count // block_size)
@@ -123,14 +142,14 @@ def quantize_blockwise(
         chance_up = (normalized - lower_value) / (codebook[upper] - lower_value)
         codes = torch.where(torch.rand_like(chance_up) < chance_up, upper, upper - 1)
     else:
-        codes = torch.bucketize(normalized, midpoints, out_int32=True)
+        codes = _nearest_codes(normalized, midpoints, table)
     return codes.view(-1)[:count].to(torch.uint8).view(values.shape), absmax
 
 
 def dequantize_blockwise(codes: Tensor, absmax: Tensor, signed: bool, block_size: int = BLOCK_SIZE) -> Tensor:
     """float32 values ``codebook[code] * absmax`` of each block (inverse of
     :func:`quantize_blockwise` up to rounding), in ``codes``' shape."""
-    codebook, _ = _codebook(signed, codes.device)
+    codebook = _codebook(signed, codes.device)[0]
     count = codes.numel()
     values = codebook.index_select(0, codes.reshape(-1).int())
     padded = torch.nn.functional.pad(values, (0, absmax.numel() * block_size - count))
