@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -27,6 +28,9 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select  # noqa: E402
 
 
+BROWSERS: list = []  # the open browser, for a screenshot when a wait times out
+
+
 def _browser() -> tuple[str, str] | None:
     browser = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
                     if shutil.which(name)), None)
@@ -34,9 +38,27 @@ def _browser() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
+def warm_up_optimizers() -> None:
+    """One step of each optimizer the page trains with, so anything they build on first
+    use (a compiled step, kept on disk) is ready before the browser starts timing."""
+    import torch
+
+    from ravine import registry
+
+    for spec in ("sgd(lr=0.1)", "adam(lr=0.001)"):
+        parameter = torch.nn.Parameter(torch.zeros(8))
+        optimizer = registry.create(spec, [parameter])
+        parameter.grad = torch.ones(8)
+        optimizer.step()
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve") / "runs"
+def server():
+    warm_up_optimizers()
+    # A folder of its own rather than pytest's numbered ones, which a second pytest
+    # process on the machine may clean away while the server still writes there.
+    folder = Path(tempfile.mkdtemp(prefix="ravine-serve-test-"))
+    out = folder / "runs"
     process = subprocess.Popen(
         [sys.executable, "-m", "ravine.cli", "serve", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -58,6 +80,7 @@ def server(tmp_path_factory):
     finally:
         process.terminate()
         process.wait(timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +97,7 @@ def browser():
                      "--window-size=1400,1200"):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(found[1]), options=options)
+    BROWSERS.append(driver)
     driver.set_page_load_timeout(60)
     yield driver
     driver.quit()
@@ -85,7 +109,11 @@ def wait_for(condition, timeout: float = 30.0, interval: float = 0.05):
         value = condition()
         if value:
             return value
-        assert time.monotonic() < deadline, "timed out waiting for the page"
+        if time.monotonic() > deadline:
+            debug = os.environ.get("RAVINE_SERVE_DEBUG")
+            if debug and BROWSERS:
+                BROWSERS[0].save_screenshot(debug)
+            raise AssertionError("timed out waiting for the page")
         time.sleep(interval)
 
 
@@ -96,6 +124,24 @@ def loss_points(driver) -> list[int]:
     )
 
 
+def set_value(driver, element_id: str, text: str) -> None:
+    element = driver.find_element(By.ID, element_id)
+    element.clear()
+    element.send_keys(text)
+
+
+def shown_run_id(driver) -> str:
+    """The id in the heading "Run <id>: ..." above the charts."""
+    return driver.find_element(By.ID, "run-title").text.split()[1].rstrip(":")
+
+
+def running_points(driver) -> list[int] | None:
+    """The drawn points while the page says the run is running and has drawn some."""
+    points = loss_points(driver)
+    running = driver.find_element(By.ID, "run-status").text == "running"
+    return points if running and sum(points) > 0 else None
+
+
 def test_page_runs_training_with_live_curves(server, browser):
     url, out = server
     browser.get(url)
@@ -103,44 +149,58 @@ def test_page_runs_training_with_live_curves(server, browser):
     assert browser.find_element(By.ID, "batch-size").get_attribute("value") == "32"
 
     # A bad setting: the page shows the server's message, no run starts.
-    batch = browser.find_element(By.ID, "batch-size")
-    batch.clear()
-    batch.send_keys("0")
+    set_value(browser, "batch-size", "0")
     browser.find_element(By.ID, "start-run").click()
     message = wait_for(lambda: browser.find_element(By.ID, "run-message").text)
     assert "batch_size" in message and "Traceback" not in message
     assert "error" in browser.find_element(By.ID, "run-message").get_attribute("class")
 
+    # A long run: the curve grows while it runs, then Stop ends it.
     Select(browser.find_element(By.ID, "task")).select_by_value("digits-mlp")
-    batch.clear()
-    batch.send_keys("16")
-    epochs = browser.find_element(By.ID, "epochs")
-    epochs.clear()
-    epochs.send_keys("3")
+    set_value(browser, "batch-size", "16")
+    set_value(browser, "epochs", "40")
     browser.find_element(By.ID, "start-run").click()
-    wait_for(lambda: browser.find_element(By.ID, "run-status").text == "running")
+    first = wait_for(lambda: running_points(browser), timeout=120)
+    wait_for(lambda: sum(running_points(browser) or [0]) > sum(first), timeout=120)
+    browser.find_element(By.ID, "stop-run").click()
+    wait_for(lambda: browser.find_element(By.ID, "run-status").text == "stopped", timeout=60)
+    stopped_id = shown_run_id(browser)
+    run = json.loads((out / stopped_id / "run.json").read_text())
+    assert run["status"] == "stopped"
+    drawn = loss_points(browser)
+    assert drawn == [len(curve["train_loss"]) for curve in run["optimizers"] for _ in range(2)]
+    assert 0 < sum(drawn) < 4 * 40 * 90
 
-    # While the run goes on, the curve grows.
-    seen_running = wait_for(lambda: (browser.find_element(By.ID, "run-status").text == "running"
-                                     and 0 < sum(loss_points(browser)) and sum(loss_points(browser))))
+    # A short run to the end: every step drawn, the report linked, both runs listed.
+    set_value(browser, "epochs", "3")
+    browser.find_element(By.ID, "start-run").click()
+    wait_for(lambda: shown_run_id(browser) != stopped_id)
     wait_for(lambda: browser.find_element(By.ID, "run-status").text == "done", timeout=90)
-    final = loss_points(browser)
-    assert sum(final) > seen_running
-
-    # What the page drew is what the server recorded: 3 epochs of ceil(1437 / 16) steps each.
-    run_id = browser.find_element(By.ID, "run-title").text.split()[1].rstrip(":")
+    run_id = shown_run_id(browser)
     run = json.loads((out / run_id / "run.json").read_text())
     assert run["status"] == "done"
-    assert final == [len(curve["train_loss"]) for curve in run["optimizers"] for _ in range(2)] == [3 * 90] * 4
+    full = [3 * 90] * 4  # faint and mean trace per optimizer: 3 epochs of ceil(1437 / 16) steps
+    assert loss_points(browser) == [len(curve["train_loss"]) for curve in run["optimizers"] for _ in range(2)] == full
     report_link = browser.find_element(By.ID, "run-report")
     assert report_link.is_displayed() and report_link.get_attribute("href").endswith(f"/{run_id}/files/report.html")
-    wait_for(lambda: run_id in browser.find_element(By.ID, "runs-table").text)
+    wait_for(lambda: run_id in browser.find_element(By.ID, "runs-table").text
+             and stopped_id in browser.find_element(By.ID, "runs-table").text)
 
     screenshot = os.environ.get("RAVINE_SERVE_SCREENSHOT")
     if screenshot:
         browser.execute_script("window.scrollTo(0, 0)")
         time.sleep(0.3)
         browser.save_screenshot(str(Path(screenshot)))
+
+    # Compare: both runs drawn together, a loss and a metric trace per run and optimizer.
+    for run_id_ in (run_id, stopped_id):
+        browser.find_element(By.CSS_SELECTOR, f"#runs-table input[value='{run_id_}']").click()
+    browser.find_element(By.ID, "compare-runs").click()
+    names = wait_for(lambda: browser.execute_script(
+        "const c = document.getElementById('compare-chart'); return c.data ? c.data.map(t => t.name) : null;"))
+    assert sorted(set(names)) == sorted(f"{identifier[-6:]} {spec} (batch 16)" for identifier in (run_id, stopped_id)
+                                        for spec in ("sgd(lr=0.1)", "adam(lr=0.001)"))
+    assert len(names) == 8
 
 
 def test_playground_redraws_when_a_slider_moves(server, browser):

@@ -187,7 +187,10 @@ def create_app(out: str | Path = "ravine-serve-runs") -> FastAPI:
             settings = TrainingSettings(**values)
         except ValueError as error:
             return _error(422, str(error))
-        run = manager.start(settings)
+        try:
+            run = manager.start(settings)
+        except OSError as error:
+            return _error(500, f"cannot write the run's folder under {manager.out}: {error.strerror or error}")
         return JSONResponse(run.snapshot(), status_code=202)
 
     @app.get("/api/runs")

@@ -375,7 +375,12 @@ class RunManager:
             run.status = status
             run.finished = datetime.datetime.now().isoformat(timespec="seconds")
             run._touch()
-        _write_run_json(run)
+        try:
+            _write_run_json(run)
+        except OSError as error:  # the folder went away: the page still shows the run
+            with run.lock:
+                run.error = f"could not write run.json: {error}"
+                run._touch()
 
     def _train_one(self, run: Run, task: Any, spec: str, curve: Curve) -> Any:
         def progress(step: int, total: int, loss: float) -> None:

@@ -190,7 +190,7 @@ function drawLive() {
     const perEpoch = curve.total_steps ? curve.total_steps / epochs : 1;
     const xs = curve.train_loss.map((_, step) => (step + 1) / perEpoch);
     const window = Math.max(1, Math.round(perEpoch / 10));
-    lossTraces.push({ x: xs, y: curve.train_loss, mode: "lines", line: { color, width: 1 }, opacity: 0.25,
+    lossTraces.push({ x: xs, y: curve.train_loss.slice(), mode: "lines", line: { color, width: 1 }, opacity: 0.25,
       hoverinfo: "skip", showlegend: false, legendgroup: curve.label });
     lossTraces.push({ x: xs, y: movingAverage(curve.train_loss, window), mode: "lines", line: { color, width: 2 },
       name: `${curve.label} · ${curve.status}`, legendgroup: curve.label });
