@@ -26,6 +26,8 @@ from ravine.advise_cli import advise_command  # noqa: E402
 app.command("advise")(advise_command)
 from ravine.landscape.cli import landscape_command  # noqa: E402
 app.command("landscape")(landscape_command)
+from ravine.bench import bench_app  # noqa: E402
+app.add_typer(bench_app, name="bench")
 from ravine.serve.cli import serve_command  # noqa: E402
 app.command("serve")(serve_command)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["KernelUnavailable", "load", "unavailable_reason", "build_info", "step"]
+__all__ = ["KernelUnavailable", "load", "unavailable_reason", "build_info", "set_exact_sqrt", "step"]
 
 SOURCE = Path(__file__).with_name("cpu_step.cpp")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -161,12 +161,33 @@ def _load() -> ctypes.CDLL:
     ]
     library.ravine_set_sqrt.restype = None
     library.ravine_set_sqrt.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    f32, f64 = _vml_sqrt()
-    library.ravine_set_sqrt(f32, f64)
-    _info["vml_sqrt"] = f32 is not None and f64 is not None
+    _apply_sqrt(library)
     _info["load_seconds"] = time.perf_counter() - start
     _info["path"] = str(path)
     return library
+
+
+#: Whether square roots go through torch's own function (MKL's VML), which makes
+#: every result bit-equal to torch.optim's for-loop path; off by default, because the
+#: hardware square root (correctly rounded, so within one unit in the last place of
+#: VML's) lets a step run in one loop and is much faster. RAVINE_EXACT_SQRT=1 turns it on.
+_exact_sqrt = bool(os.environ.get("RAVINE_EXACT_SQRT"))
+
+
+def _apply_sqrt(library: ctypes.CDLL) -> None:
+    f32, f64 = _vml_sqrt() if _exact_sqrt else (None, None)
+    library.ravine_set_sqrt(f32, f64)
+    _info["vml_sqrt"] = f32 is not None and f64 is not None
+
+
+def set_exact_sqrt(enabled: bool) -> bool:
+    """Take square roots with torch's own function (bit-equal results) or the
+    hardware's (faster); returns whether torch's is in use."""
+    global _exact_sqrt
+    _exact_sqrt = bool(enabled)
+    if _library is not None:
+        _apply_sqrt(_library)
+    return _info["vml_sqrt"] if _library is not None else _exact_sqrt
 
 
 def load() -> ctypes.CDLL:

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
+#include <type_traits>
 #include <omp.h>
 
 namespace {
@@ -56,19 +57,59 @@ inline void vector_sqrt(const double* in, double* out, int64_t n) {
 }
 
 // torch's lerp(self, end, w): self + w (end - self) for |w| < 0.5, else
-// end - (1 - w)(end - self), each as one FMA.
+// end - (1 - w)(end - self), each as one FMA. `small` is |w| < 0.5, decided once
+// per call, so the loops around this stay branch-free.
 template <typename T>
-inline T lerp(T self, T end, T weight) {
+inline T lerp(T self, T end, T weight, T weight_minus_one, bool small) {
   T diff = end - self;
-  return std::abs(weight) < T(0.5) ? fused(weight, diff, self) : fused(weight - T(1), diff, end);
+  return small ? fused(weight, diff, self) : fused(weight_minus_one, diff, end);
+}
+
+// torch.maximum: NaN propagates (a > b is false when either is NaN).
+template <typename T>
+inline T maximum(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+
+// Calls f(std::integral_constant<bool, value>) so that options become constants
+// and every option set gets its own branch-free, vectorized loop.
+template <typename F>
+inline void with_bool(bool value, F&& f) {
+  if (value)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
 }
 
 template <typename T>
-inline T maximum(T a, T b) {
-  // NaN propagates, as in torch.maximum.
-  if (a != a) return a;
-  if (b != b) return b;
-  return a > b ? a : b;
+inline bool has_vml_sqrt();
+template <>
+inline bool has_vml_sqrt<float>() { return g_sqrt_f32 != nullptr; }
+template <>
+inline bool has_vml_sqrt<double>() { return g_sqrt_f64 != nullptr; }
+
+// Runs a rule split around its square root: x = rule.front(j, saved) is the value
+// whose root the rule needs, rule.back(j, root, saved) finishes element j. With
+// the hardware square root this is one loop; with VML's, the values of a chunk
+// are collected, rooted in one call, and finished in a second loop over the chunk
+// (which is still in L1).
+template <typename T, typename Rule>
+inline void split_at_sqrt(const Rule rule, int64_t n) {  // by value: its pointers cannot alias the data
+  if (!has_vml_sqrt<T>()) {
+    for (int64_t j = 0; j < n; ++j) {
+      T saved;
+      T x = rule.front(j, saved);
+      rule.back(j, std::sqrt(x), saved);
+    }
+    return;
+  }
+  T values[kChunk], roots[kChunk], saved[kChunk];
+  for (int64_t base = 0; base < n; base += kChunk) {
+    const int64_t m = std::min(kChunk, n - base);
+    for (int64_t i = 0; i < m; ++i) values[i] = rule.front(base + i, saved[i]);
+    vector_sqrt(values, roots, m);
+    for (int64_t i = 0; i < m; ++i) rule.back(base + i, roots[i], saved[i]);
+  }
 }
 
 // Hyperparameters, in the order ravine.kernels.cpu passes them.
@@ -117,115 +158,142 @@ void sgd(T** slots, int64_t start, int64_t n, const double* hp, const double* pe
   }
 }
 
-// Adagrad. hp: eps, weight_decay. per-tensor: -lr / (1 + (step - 1) lr_decay).
+// Adagrad. hp: eps, weight_decay, sign (-1 to maximize). per-tensor:
+// -lr / (1 + (step - 1) lr_decay).
+template <typename T, bool WeightDecay>
+struct AdagradRule {
+  T* __restrict param;
+  const T* __restrict grad;
+  T* __restrict sum;
+  T eps, weight_decay, sign, scale;
+  inline T front(int64_t j, T& g) const {
+    g = grad[j] * sign;
+    if (WeightDecay) g = fused(param[j], weight_decay, g);
+    T s = fused(g, g, sum[j]);
+    sum[j] = s;
+    return s;
+  }
+  inline void back(int64_t j, T root, T g) const { param[j] += scale * g / (root + eps); }
+};
+
 template <typename T>
 void adagrad(T** slots, int64_t start, int64_t n, const double* hp, const double* per, int64_t flags) {
-  T* param = slots[0] + start;
-  const T* grad = slots[1] + start;
-  T* sum = slots[2] + start;
-  const T eps = static_cast<T>(hp[0]);
-  const T weight_decay = static_cast<T>(hp[1]);
-  const T scale = static_cast<T>(per[0]);
-  T g_chunk[kChunk], root[kChunk];
-  for (int64_t base = 0; base < n; base += kChunk) {
-    const int64_t m = std::min(kChunk, n - base);
-    for (int64_t i = 0; i < m; ++i) {
-      T g = gradient(grad + base, param + base, i, flags, weight_decay);
-      g_chunk[i] = g;
-      sum[base + i] = fused(g, g, sum[base + i]);
-    }
-    vector_sqrt(sum + base, root, m);
-    for (int64_t i = 0; i < m; ++i) param[base + i] += scale * g_chunk[i] / (root[i] + eps);
-  }
+  with_bool(flags & HAS_WEIGHT_DECAY, [&](auto wd) {
+    AdagradRule<T, decltype(wd)::value> rule{slots[0] + start, slots[1] + start, slots[2] + start,
+                                             static_cast<T>(hp[0]), static_cast<T>(hp[1]),
+                                             T((flags & MAXIMIZE) ? -1 : 1), static_cast<T>(per[0])};
+    split_at_sqrt<T>(rule, n);
+  });
 }
 
 // RMSprop. hp: lr, alpha, eps, weight_decay, momentum. Slots: param, grad,
 // square_avg, [momentum_buffer], [grad_avg].
-template <typename T>
-void rmsprop(T** slots, int64_t start, int64_t n, const double* hp, const double*, int64_t flags) {
-  T* param = slots[0] + start;
-  const T* grad = slots[1] + start;
-  int slot = 2;
-  T* square_avg = slots[slot++] + start;
-  T* buffer = (flags & HAS_MOMENTUM) ? slots[slot++] + start : nullptr;
-  T* grad_avg = (flags & CENTERED) ? slots[slot++] + start : nullptr;
-  const T neg_lr = static_cast<T>(-hp[0]);
-  const T alpha = static_cast<T>(hp[1]);
-  const T one_minus_alpha = static_cast<T>(1.0 - hp[1]);
-  const T eps = static_cast<T>(hp[2]);
-  const T weight_decay = static_cast<T>(hp[3]);
-  const T momentum = static_cast<T>(hp[4]);
-  T g_chunk[kChunk], variance[kChunk], root[kChunk];
-  for (int64_t base = 0; base < n; base += kChunk) {
-    const int64_t m = std::min(kChunk, n - base);
-    for (int64_t i = 0; i < m; ++i) {
-      T g = gradient(grad + base, param + base, i, flags, weight_decay);
-      g_chunk[i] = g;
-      T s = fused(one_minus_alpha * g, g, square_avg[base + i] * alpha);
-      square_avg[base + i] = s;
-      if (flags & CENTERED) {
-        T a = lerp(grad_avg[base + i], g, one_minus_alpha);
-        grad_avg[base + i] = a;
-        variance[i] = fused(-a, a, s);
-      } else {
-        variance[i] = s;
-      }
-    }
-    vector_sqrt(variance, root, m);
-    if (flags & HAS_MOMENTUM) {
-      for (int64_t i = 0; i < m; ++i) {
-        T b = buffer[base + i] * momentum + g_chunk[i] / (root[i] + eps);
-        buffer[base + i] = b;
-        param[base + i] = fused(b, neg_lr, param[base + i]);
-      }
+template <typename T, bool WeightDecay, bool Centered, bool Momentum>
+struct RMSpropRule {
+  T* __restrict param;
+  const T* __restrict grad;
+  T* __restrict square_avg;
+  T* __restrict buffer;
+  T* __restrict grad_avg;
+  T neg_lr, alpha, one_minus_alpha, one_minus_alpha_minus_one, eps, weight_decay, momentum, sign;
+  bool small;
+  inline T front(int64_t j, T& g) const {
+    g = grad[j] * sign;
+    if (WeightDecay) g = fused(param[j], weight_decay, g);
+    T s = fused(one_minus_alpha * g, g, square_avg[j] * alpha);
+    square_avg[j] = s;
+    if (!Centered) return s;
+    T a = lerp(grad_avg[j], g, one_minus_alpha, one_minus_alpha_minus_one, small);
+    grad_avg[j] = a;
+    return fused(-a, a, s);
+  }
+  inline void back(int64_t j, T root, T g) const {
+    if (Momentum) {
+      T b = buffer[j] * momentum + g / (root + eps);
+      buffer[j] = b;
+      param[j] = fused(b, neg_lr, param[j]);
     } else {
-      for (int64_t i = 0; i < m; ++i) param[base + i] += neg_lr * g_chunk[i] / (root[i] + eps);
+      param[j] += neg_lr * g / (root + eps);
     }
   }
+};
+
+template <typename T>
+void rmsprop(T** slots, int64_t start, int64_t n, const double* hp, const double*, int64_t flags) {
+  const bool centered = flags & CENTERED, has_momentum = flags & HAS_MOMENTUM;
+  int slot = 2;
+  T* square_avg = slots[slot++] + start;
+  T* buffer = has_momentum ? slots[slot++] + start : nullptr;
+  T* grad_avg = centered ? slots[slot++] + start : nullptr;
+  const T one_minus_alpha = static_cast<T>(1.0 - hp[1]);
+  with_bool(flags & HAS_WEIGHT_DECAY, [&](auto wd) {
+    with_bool(centered, [&](auto c) {
+      with_bool(has_momentum, [&](auto mom) {
+        RMSpropRule<T, decltype(wd)::value, decltype(c)::value, decltype(mom)::value> rule{
+            slots[0] + start, slots[1] + start, square_avg, buffer, grad_avg,
+            static_cast<T>(-hp[0]), static_cast<T>(hp[1]), one_minus_alpha, one_minus_alpha - T(1),
+            static_cast<T>(hp[2]), static_cast<T>(hp[3]), static_cast<T>(hp[4]),
+            T((flags & MAXIMIZE) ? -1 : 1), std::abs(one_minus_alpha) < T(0.5)};
+        split_at_sqrt<T>(rule, n);
+      });
+    });
+  });
 }
 
 // Adam / AdamW. hp: 1 - beta1, beta2, 1 - beta2, eps, weight_decay (L2), decay
 // factor 1 - lr wd (decoupled). per-tensor: -lr / (1 - beta1^t), sqrt(1 - beta2^t).
 // Slots: param, grad, exp_avg, exp_avg_sq, [max_exp_avg_sq].
+template <typename T, bool L2, bool Decoupled, bool Amsgrad>
+struct AdamRule {
+  T* __restrict param;
+  const T* __restrict grad;
+  T* __restrict exp_avg;
+  T* __restrict exp_avg_sq;
+  T* __restrict max_exp_avg_sq;
+  T one_minus_beta1, one_minus_beta1_minus_one, beta2, one_minus_beta2, eps, weight_decay, decay_factor, sign;
+  T neg_step_size, bias_correction2_root;
+  bool small;
+  inline T front(int64_t j, T&) const {
+    T p = param[j];
+    if (Decoupled) {
+      p = p * decay_factor;
+      param[j] = p;
+    }
+    T g = grad[j] * sign;
+    if (L2) g = fused(p, weight_decay, g);
+    exp_avg[j] = lerp(exp_avg[j], g, one_minus_beta1, one_minus_beta1_minus_one, small);
+    T v = fused(one_minus_beta2 * g, g, exp_avg_sq[j] * beta2);
+    exp_avg_sq[j] = v;
+    if (Amsgrad) {
+      v = maximum(max_exp_avg_sq[j], v);
+      max_exp_avg_sq[j] = v;
+    }
+    return v;
+  }
+  inline void back(int64_t j, T root, T) const {
+    param[j] += neg_step_size * exp_avg[j] / (root / bias_correction2_root + eps);
+  }
+};
+
 template <typename T>
 void adam(T** slots, int64_t start, int64_t n, const double* hp, const double* per, int64_t flags) {
-  T* param = slots[0] + start;
-  const T* grad = slots[1] + start;
-  T* exp_avg = slots[2] + start;
-  T* exp_avg_sq = slots[3] + start;
-  T* max_exp_avg_sq = (flags & AMSGRAD) ? slots[4] + start : nullptr;
+  const bool weight_decay = flags & HAS_WEIGHT_DECAY;
+  const bool decoupled = weight_decay && (flags & DECOUPLED);
   const T one_minus_beta1 = static_cast<T>(hp[0]);
-  const T beta2 = static_cast<T>(hp[1]);
-  const T one_minus_beta2 = static_cast<T>(hp[2]);
-  const T eps = static_cast<T>(hp[3]);
-  const T weight_decay = static_cast<T>(hp[4]);
-  const T decay_factor = static_cast<T>(hp[5]);
-  const T neg_step_size = static_cast<T>(per[0]);
-  const T bias_correction2_root = static_cast<T>(per[1]);
-  const bool decoupled = (flags & DECOUPLED) && (flags & HAS_WEIGHT_DECAY);
-  const int64_t l2_flags = decoupled ? (flags & ~HAS_WEIGHT_DECAY) : flags;
-  T second[kChunk], root[kChunk];
-  for (int64_t base = 0; base < n; base += kChunk) {
-    const int64_t m = std::min(kChunk, n - base);
-    for (int64_t i = 0; i < m; ++i) {
-      const int64_t j = base + i;
-      if (decoupled) param[j] = param[j] * decay_factor;
-      T g = gradient(grad, param, j, l2_flags, weight_decay);
-      exp_avg[j] = lerp(exp_avg[j], g, one_minus_beta1);
-      T v = fused(one_minus_beta2 * g, g, exp_avg_sq[j] * beta2);
-      exp_avg_sq[j] = v;
-      if (flags & AMSGRAD) {
-        v = maximum(max_exp_avg_sq[j], v);
-        max_exp_avg_sq[j] = v;
-      }
-      second[i] = v;
-    }
-    vector_sqrt(second, root, m);
-    for (int64_t i = 0; i < m; ++i) {
-      const int64_t j = base + i;
-      param[j] += neg_step_size * exp_avg[j] / (root[i] / bias_correction2_root + eps);
-    }
-  }
+  with_bool(weight_decay && !decoupled, [&](auto l2) {
+    with_bool(decoupled, [&](auto dec) {
+      with_bool(flags & AMSGRAD, [&](auto ams) {
+        AdamRule<T, decltype(l2)::value, decltype(dec)::value, decltype(ams)::value> rule{
+            slots[0] + start, slots[1] + start, slots[2] + start, slots[3] + start,
+            ams ? slots[4] + start : nullptr,
+            one_minus_beta1, one_minus_beta1 - T(1), static_cast<T>(hp[1]), static_cast<T>(hp[2]),
+            static_cast<T>(hp[3]), static_cast<T>(hp[4]), static_cast<T>(hp[5]),
+            T((flags & MAXIMIZE) ? -1 : 1), static_cast<T>(per[0]), static_cast<T>(per[1]),
+            std::abs(one_minus_beta1) < T(0.5)};
+        split_at_sqrt<T>(rule, n);
+      });
+    });
+  });
 }
 
 template <typename T>
