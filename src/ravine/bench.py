@@ -68,6 +68,36 @@ def _algorithms() -> dict[str, Algorithm]:
 ALGORITHMS: dict[str, Algorithm] = _algorithms()
 DEFAULT_ALGORITHMS = tuple(ALGORITHMS)
 
+
+def _low_memory_algorithms() -> dict[str, Algorithm]:
+    """Optimizer state in bfloat16 or 8 bits (docs/memory.md) against torch's float32
+    state; bytes per parameter: param r/w + grad + state r/w at 2 B (bfloat16) or 1 B
+    (8-bit) per buffer element. Plain path only; timed on request, not by default."""
+    from ravine.optim.quantized import AdamW8bit, SGD8bit
+
+    def without_impl(cls: type) -> Callable[..., torch.optim.Optimizer]:
+        return lambda params, impl, **kwargs: cls(params, **kwargs)
+
+    sgd_m = {"lr": 0.01, "momentum": 0.9}
+    bf16 = {"state_dtype": torch.bfloat16}
+    return {
+        "adam-bf16": Algorithm(
+            torch.optim.Adam, lambda params, **kwargs: ravine.Adam(params, **kwargs, **bf16), {"lr": 1e-3}, 20,
+            ("foreach", "fused"), ("plain",),
+        ),
+        "adamw-8bit": Algorithm(
+            torch.optim.AdamW, without_impl(AdamW8bit), {"lr": 1e-3}, 16, ("foreach", "fused"), ("plain",)
+        ),
+        "sgd-momentum-bf16": Algorithm(
+            torch.optim.SGD, lambda params, **kwargs: ravine.SGD(params, **kwargs, **bf16), sgd_m, 16, ("foreach",),
+            ("plain",),
+        ),
+        "sgd-momentum-8bit": Algorithm(torch.optim.SGD, without_impl(SGD8bit), sgd_m, 14, ("foreach",), ("plain",)),
+    }
+
+
+ALGORITHMS.update(_low_memory_algorithms())
+
 PATH_OPTIONS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 

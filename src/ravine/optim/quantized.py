@@ -220,7 +220,8 @@ class BlockwiseQuantizedState:
                 for start in range(0, p.numel(), _CHUNK):
                     length = min(_CHUNK, p.numel() - start)
                     work = {**state, **self._read(full, quantized, start, length, (length,))}
-                    batch.append((flat_p[start:start + length], flat_g[start:start + length], work, step, (full, quantized, start)))
+                    part = slice(start, start + length)
+                    batch.append((flat_p[part], flat_g[part], work, step, (full, quantized, start)))
                     size += length
                     if size >= _CHUNK:
                         self._run(group, batch)
@@ -300,7 +301,14 @@ class Adam8bit(BlockwiseQuantizedState, Adam):
     ) -> None:
         self.min_8bit_size = _check_min_8bit_size(min_8bit_size)
         super().__init__(
-            params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
         )
 
 
