@@ -356,9 +356,10 @@ class _StudyWork:
             # ask() takes the oldest queued trial: ours, or one a worker queued and left.
             trial = self.study.ask(self.distributions)
             key = _key(trial.params)
-            if key not in {_key(params) for params in self.wanted} or key in finished:
+            if key not in {_key(params) for params in self.wanted} or key in finished or self._has_earlier_twin(trial):
                 # Another worker took the queued trial first and this one was sampled,
-                # or it popped a stale duplicate of a finished trial: give it back.
+                # it popped a stale duplicate of a finished trial, or two workers queued
+                # the same parameters: the lowest-numbered copy is the one that runs.
                 self.study.tell(trial, state=TrialState.PRUNED)
                 return None
         else:
@@ -371,6 +372,21 @@ class _StudyWork:
 
     def release(self, trial: optuna.Trial) -> None:
         self.claimed.discard(_key(trial.params))
+
+    def _has_earlier_twin(self, trial: optuna.Trial) -> bool:
+        """Whether a lower-numbered trial with the same parameters is queued, running or
+        finished: then this copy must not run, so each parameter set runs once."""
+        key = _key(trial.params)
+        for other in self.study.get_trials(
+            deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
+        ):
+            if other.number >= trial.number:
+                continue
+            # a queued trial, and one just taken from the queue, have no params yet
+            params = other.system_attrs.get("fixed_params") or other.params
+            if _key(params) == key:
+                return True
+        return False
 
 
 def _fail(study: optuna.Study, trial: Any) -> None:
@@ -487,13 +503,36 @@ def _open_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
     for attempt in range(1, attempts + 1):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+            if url.startswith("sqlite"):
+                _serialize_sqlite_transactions(storage.engine)
+            return storage
         except Exception as error:  # bad URL, missing driver, unreachable server
             # Workers that start together race to create the schema; the loser retries.
             if attempt == attempts or "UNIQUE constraint" not in str(error) and "already exists" not in str(error):
                 raise ValueError(f"cannot open storage {url!r}: {error}") from error
             time.sleep(0.2 * attempt)
     raise AssertionError("unreachable")
+
+
+def _serialize_sqlite_transactions(engine: Any) -> None:
+    """Make every SQLite transaction take the write lock when it begins.
+
+    Optuna claims a queued trial by reading that it is WAITING and then marking it
+    RUNNING; PostgreSQL locks the row in between (SELECT ... FOR UPDATE), SQLite
+    does not, so two processes could both claim one trial. ``BEGIN IMMEDIATE`` makes
+    the read and the write one atomic step (SQLAlchemy's recipe for pysqlite)."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None  # SQLAlchemy, not the driver, begins
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections made before the listeners are dropped
 
 
 class _Sweep:
