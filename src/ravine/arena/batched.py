@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -63,9 +64,12 @@ from ravine.arena.train import (
     _peak_memory,
     _plain,
     _reset_peak_memory,
+    evaluate,
     format_spec,
     optimizer_state_bytes,
 )
+from ravine.kernels import cpu as _cpu
+from ravine.kernels import fast as _fast
 from ravine.optim import SGD, Adagrad, Adam, AdamW, RMSprop
 
 __all__ = ["BATCHED_OPTIMIZERS", "can_batch", "train_batched"]
@@ -388,6 +392,65 @@ def _clip_per_run_(grads: list[Tensor], max_norm: float) -> None:
         grad.mul_(_per_run(coefficients, grad))
 
 
+class _KernelStep:
+    """The optimizers' compiled CPU step (:mod:`ravine.kernels`), called once per run
+    on that run's slices of the stacked tensors, with that run's hyperparameters: the
+    very step a run takes on its own when its optimizer uses the compiled path."""
+
+    def __init__(self, spec: Any, names: tuple[str, ...], tensors: list[Tensor], state: dict[str, list[Tensor]]) -> None:
+        self.spec = spec
+        self.runs = tensors[0].shape[0]
+        self.dtype = tensors[0].dtype
+        sizes = [tensor[0].numel() for tensor in tensors]
+        self.slice_bytes = np.array([size * tensors[0].element_size() for size in sizes], dtype=np.int64)
+        items = [
+            (t, start, min(_fast.ITEM_ELEMENTS, size - start))
+            for t, size in enumerate(sizes)
+            for start in range(0, size, _fast.ITEM_ELEMENTS)
+        ]
+        self.items = np.array(items, dtype=np.int64).reshape(-1, 3)
+        self.threads = torch.get_num_threads() if sum(sizes) >= _fast.PARALLEL_ELEMENTS else 1
+        offsets = np.arange(self.runs, dtype=np.int64)[:, None] * self.slice_bytes[None, :]
+        # pointers[r, t] = (param, grad, state...) of run r's slice of tensor t
+        self.pointers = np.zeros((self.runs, len(tensors), 2 + len(names)), dtype=np.int64)
+        self.pointers[:, :, 0] = np.array([t.data_ptr() for t in tensors], dtype=np.int64)[None, :] + offsets
+        for k, name in enumerate(names):
+            bases = np.array([buffer.data_ptr() for buffer in state[name]], dtype=np.int64)
+            self.pointers[:, :, 2 + k] = bases[None, :] + offsets
+        self.offsets = offsets
+        self.per_tensor = np.zeros((len(tensors), max(spec.scalars_per_tensor, 1)), dtype=np.float64)
+
+    def update(self, grads: list[Tensor], groups: list[dict[str, Any]], alive: list[bool], step: float) -> bool:
+        """One step of every live run; False (nothing written) when the kernel cannot
+        take this step's hyperparameters."""
+        arguments = [self.spec.arguments(group, [step]) for group in groups]
+        if any(argument is None for argument in arguments):
+            return False
+        grads = [grad if grad.is_contiguous() else grad.contiguous() for grad in grads]
+        self.pointers[:, :, 1] = np.array([grad.data_ptr() for grad in grads], dtype=np.int64)[None, :] + self.offsets
+        family, dtype = _cpu.FAMILIES[self.spec.family], _cpu.DTYPES[self.dtype]
+        for r, (flags, hyperparameters, per_step) in enumerate(arguments):
+            if not alive[r]:
+                continue
+            if self.spec.scalars_per_tensor:
+                self.per_tensor[:] = per_step[step]
+            _cpu.step(family, dtype, self.items, np.ascontiguousarray(self.pointers[r]), self.per_tensor,
+                      np.asarray(hyperparameters, dtype=np.float64), flags, self.threads)
+        return True
+
+
+def _kernel_spec(optimizer: torch.optim.Optimizer, dtype: torch.dtype) -> Any:
+    """The compiled step's spec when a run of ``optimizer`` on its own would use it."""
+    if getattr(optimizer, "impl", "plain") == "plain" or dtype not in _cpu.DTYPES:
+        return None
+    if optimizer.param_groups[0].get("state_dtype") is not None:
+        return None
+    spec = _fast.spec_for(optimizer)
+    if spec is None or _cpu.unavailable_reason() is not None:
+        return None
+    return spec
+
+
 # ---------------------------------------------------------------------------------------
 # The training loop
 
@@ -480,6 +543,13 @@ class _BatchedTraining:
         forward = _batched_forward(models[0], buffers)
         per_run_loss = _batched_loss(task.loss_fn)
         state = rule.init_state(tensors)
+        kernel_spec = _kernel_spec(probes[0], tensors[0].dtype)
+        kernel = None
+        if kernel_spec is not None:
+            state_names = probes[0].state_names(probes[0].param_groups[0])
+            if "momentum_buffer" in state_names and not state.get("momentum_buffer"):
+                state["momentum_buffer"] = [torch.zeros_like(t) for t in tensors]  # SGD: filled on step 1
+            kernel = _KernelStep(kernel_spec, state_names, tensors, state)
         memory_before, memory_method = _reset_peak_memory()
 
         shuffles = {seed: torch.Generator().manual_seed(seed) for seed in sorted({c.seed for c in configs})}
@@ -487,7 +557,7 @@ class _BatchedTraining:
         step_durations: list[float] = []
         optimizer_durations: list[float] = []
 
-        self._evaluate(forward, params, 0)
+        self._evaluate(models, params, 0)
         step = 0
         while step < total_steps and any(run.active for run in self.runs):
             # Each run draws its epoch's order from its own seed's generator, as train()
@@ -520,7 +590,11 @@ class _BatchedTraining:
                 lr = torch.tensor([float(p.param_groups[0]["lr"]) for p in probes], dtype=torch.float64) * alive
                 step_began = time.perf_counter()
                 with torch.no_grad():
-                    rule.update(tensors, grads, state, lr, step + 1)
+                    if kernel is None or not kernel.update(
+                        grads, [probe.param_groups[0] for probe in probes], alive.tolist(),
+                        _kernel_step_count(rule, step),
+                    ):
+                        rule.update(tensors, grads, state, lr, step + 1)
                 ended = time.perf_counter()
                 for scheduler in schedulers:
                     if scheduler is not None:
@@ -538,7 +612,7 @@ class _BatchedTraining:
                         if self.progress is not None:
                             self.progress(index_, step, total_steps, value)
             if step % steps_per_epoch == 0 or step >= total_steps:
-                finished = self._evaluate(forward, params, step)
+                finished = self._evaluate(models, params, step)
                 if finished:
                     alive[finished] = False
                     self._retire(finished, tensors, state)
@@ -604,29 +678,20 @@ class _BatchedTraining:
         return results, final
 
     @torch.no_grad()
-    def _evaluate(self, forward, params: dict[str, Tensor], step: int) -> list[int]:
-        """Test loss and metric of every active run, as train()'s evaluate() computes
-        them; returns the runs whose test loss is not finite (they diverged here)."""
-        task = self.task
-        inputs, targets = task.data.test_inputs, task.data.test_targets
-        count = len(self.runs)
-        sums = [[0.0, 0.0] for _ in range(count)]
-        for start in range(0, len(inputs), task.eval_batch_size):
-            batch_inputs = inputs[start : start + task.eval_batch_size]
-            batch_targets = targets[start : start + task.eval_batch_size]
-            outputs = forward(params, batch_inputs.expand(count, *batch_inputs.shape))
-            for r, run in enumerate(self.runs):
-                if run.active:
-                    sums[r][0] += float(task.loss_fn(outputs[r], batch_targets)) * len(batch_inputs)
-                    sums[r][1] += float(task.metric_fn(outputs[r], batch_targets)) * len(batch_inputs)
+    def _evaluate(self, models: list[nn.Module], params: dict[str, Tensor], step: int) -> list[int]:
+        """Test loss and metric of every active run, by train()'s own evaluate() on the
+        run's model holding its slice of the stacked parameters; returns the runs whose
+        test loss is not finite (they diverged here)."""
         diverged = []
-        for r, run in enumerate(self.runs):
+        for r, (run, model) in enumerate(zip(self.runs, models)):
             if not run.active:
                 continue
-            loss = sums[r][0] / len(inputs)
+            for name, parameter in model.named_parameters():
+                parameter.copy_(params[name][r])
+            loss, metric = evaluate(self.task, model)
             run.eval_steps.append(step)
             run.test_losses.append(loss)
-            run.test_metrics.append(sums[r][1] / len(inputs))
+            run.test_metrics.append(metric)
             if not math.isfinite(loss):
                 run.diverged_at = step
                 diverged.append(r)
@@ -642,6 +707,14 @@ class _BatchedTraining:
             for buffers in state.values():
                 for buffer in buffers:
                     buffer[r].zero_()
+
+
+def _kernel_step_count(rule: _Rule, step: int) -> float:
+    """The step count the compiled step reads: SGD's marks a momentum buffer this step
+    creates with 0; the others count steps from 1."""
+    if isinstance(rule, _SGDRule):
+        return 0.0 if step == 0 else 1.0
+    return float(step + 1)
 
 
 def _state_bytes_after_one_step(config: TrainConfig, model: nn.Module) -> int:
