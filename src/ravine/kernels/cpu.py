@@ -9,10 +9,12 @@ Hyperparameters are arguments of every call, so a learning rate that changes eve
 step never rebuilds anything.
 
 The build uses ``-O3 -march=native`` (the cache key includes the CPU's flags) with
-``-ffp-contract=off``, and OpenMP (the same ``libgomp`` torch has loaded). Square
-roots are taken by the function torch itself uses (MKL's VML), looked up in
-``libtorch_cpu``; see the comment at the top of ``cpu_step.cpp`` for why results are
-bit-equal to torch.optim's for-loop path.
+``-ffp-contract=off``, and OpenMP (the same ``libgomp`` torch has loaded). Every
+operation rounds as torch's does (see the comment at the top of ``cpu_step.cpp``),
+except square roots: by default the hardware's (correctly rounded), which can differ
+from torch's (MKL's VML) in the last bit; :func:`set_exact_sqrt` or
+``RAVINE_EXACT_SQRT=1`` takes them through torch's own function, looked up in
+``libtorch_cpu``, and results are then bit-equal to torch.optim's for-loop path.
 """
 
 from __future__ import annotations

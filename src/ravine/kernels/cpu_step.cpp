@@ -6,13 +6,17 @@
 // spread over threads, so one big tensor and a thousand small ones balance alike.
 //
 // Every element goes through exactly the operations of torch.optim's for-loop path,
-// in the same order and precision, so results are bit-equal to it:
+// in the same order and precision:
 //   * torch's CPU kernels fuse `a + b * c` into one FMA (add with alpha, addcmul,
 //     lerp); so does this file, with explicit fma() calls (it is compiled with
 //     -ffp-contract=off so that nothing else is fused);
 //   * torch takes square roots with MKL's vector math library (VML, high-accuracy
-//     mode), which is not always correctly rounded; the same function is called
-//     here, through a pointer set by ravine_set_sqrt (std::sqrt when MKL is absent).
+//     mode), which is not always correctly rounded. By default this file uses the
+//     hardware square root (correctly rounded, so at most one unit in the last place
+//     from VML's), which lets each update run as one vectorized loop; with
+//     ravine_set_sqrt given VML's functions it calls them on chunks instead, and
+//     every result is bit-equal to torch's for-loop path (about twice as slow).
+// SGD takes no square root and is always bit-equal.
 //
 // The file has no dependency on torch's headers; ravine.kernels.cpu compiles it with
 // the system C++ compiler and calls it through ctypes.
@@ -57,8 +61,8 @@ inline void vector_sqrt(const double* in, double* out, int64_t n) {
 }
 
 // torch's lerp(self, end, w): self + w (end - self) for |w| < 0.5, else
-// end - (1 - w)(end - self), each as one FMA. `small` is |w| < 0.5, decided once
-// per call, so the loops around this stay branch-free.
+// end - (1 - w)(end - self), each as one FMA. `small` is |w| < 0.5; callers pass it
+// as a compile-time constant, without which gcc does not vectorize their loops.
 template <typename T>
 inline T lerp(T self, T end, T weight, T weight_minus_one, bool small) {
   T diff = end - self;
@@ -68,7 +72,8 @@ inline T lerp(T self, T end, T weight, T weight_minus_one, bool small) {
 // torch.maximum: NaN propagates (a > b is false when either is NaN).
 template <typename T>
 inline T maximum(T a, T b) {
-  return (a > b || a != a) ? a : b;
+  T larger = a > b ? a : b;
+  return a != a ? a : larger;  // two selects, which vectorize (|| would branch)
 }
 
 // Calls f(std::integral_constant<bool, value>) so that options become constants
@@ -95,7 +100,10 @@ inline bool has_vml_sqrt<double>() { return g_sqrt_f64 != nullptr; }
 // (which is still in L1).
 template <typename T, typename Rule>
 inline void split_at_sqrt(const Rule rule, int64_t n) {  // by value: its pointers cannot alias the data
+  // The tensors of one rule never overlap (torch.optim assumes it too), so the
+  // loops need no run-time alias checks.
   if (!has_vml_sqrt<T>()) {
+#pragma GCC ivdep
     for (int64_t j = 0; j < n; ++j) {
       T saved;
       T x = rule.front(j, saved);
@@ -106,8 +114,10 @@ inline void split_at_sqrt(const Rule rule, int64_t n) {  // by value: its pointe
   T values[kChunk], roots[kChunk], saved[kChunk];
   for (int64_t base = 0; base < n; base += kChunk) {
     const int64_t m = std::min(kChunk, n - base);
+#pragma GCC ivdep
     for (int64_t i = 0; i < m; ++i) values[i] = rule.front(base + i, saved[i]);
     vector_sqrt(values, roots, m);
+#pragma GCC ivdep
     for (int64_t i = 0; i < m; ++i) rule.back(base + i, roots[i], saved[i]);
   }
 }
@@ -188,7 +198,7 @@ void adagrad(T** slots, int64_t start, int64_t n, const double* hp, const double
 
 // RMSprop. hp: lr, alpha, eps, weight_decay, momentum. Slots: param, grad,
 // square_avg, [momentum_buffer], [grad_avg].
-template <typename T, bool WeightDecay, bool Centered, bool Momentum>
+template <typename T, bool WeightDecay, bool Centered, bool Momentum, bool Small>
 struct RMSpropRule {
   T* __restrict param;
   const T* __restrict grad;
@@ -203,7 +213,7 @@ struct RMSpropRule {
     T s = fused(one_minus_alpha * g, g, square_avg[j] * alpha);
     square_avg[j] = s;
     if (!Centered) return s;
-    T a = lerp(grad_avg[j], g, one_minus_alpha, one_minus_alpha_minus_one, small);
+    T a = lerp(grad_avg[j], g, one_minus_alpha, one_minus_alpha_minus_one, Small);
     grad_avg[j] = a;
     return fused(-a, a, s);
   }
@@ -229,12 +239,15 @@ void rmsprop(T** slots, int64_t start, int64_t n, const double* hp, const double
   with_bool(flags & HAS_WEIGHT_DECAY, [&](auto wd) {
     with_bool(centered, [&](auto c) {
       with_bool(has_momentum, [&](auto mom) {
-        RMSpropRule<T, decltype(wd)::value, decltype(c)::value, decltype(mom)::value> rule{
+       // Only the centered rule uses lerp, so only it needs both weight forms.
+       with_bool(centered && std::abs(one_minus_alpha) < T(0.5), [&](auto sm) {
+        RMSpropRule<T, decltype(wd)::value, decltype(c)::value, decltype(mom)::value, decltype(sm)::value> rule{
             slots[0] + start, slots[1] + start, square_avg, buffer, grad_avg,
             static_cast<T>(-hp[0]), static_cast<T>(hp[1]), one_minus_alpha, one_minus_alpha - T(1),
             static_cast<T>(hp[2]), static_cast<T>(hp[3]), static_cast<T>(hp[4]),
             T((flags & MAXIMIZE) ? -1 : 1), std::abs(one_minus_alpha) < T(0.5)};
         split_at_sqrt<T>(rule, n);
+       });
       });
     });
   });
@@ -243,7 +256,7 @@ void rmsprop(T** slots, int64_t start, int64_t n, const double* hp, const double
 // Adam / AdamW. hp: 1 - beta1, beta2, 1 - beta2, eps, weight_decay (L2), decay
 // factor 1 - lr wd (decoupled). per-tensor: -lr / (1 - beta1^t), sqrt(1 - beta2^t).
 // Slots: param, grad, exp_avg, exp_avg_sq, [max_exp_avg_sq].
-template <typename T, bool L2, bool Decoupled, bool Amsgrad>
+template <typename T, bool L2, bool Decoupled, bool Amsgrad, bool Small>
 struct AdamRule {
   T* __restrict param;
   const T* __restrict grad;
@@ -261,7 +274,7 @@ struct AdamRule {
     }
     T g = grad[j] * sign;
     if (L2) g = fused(p, weight_decay, g);
-    exp_avg[j] = lerp(exp_avg[j], g, one_minus_beta1, one_minus_beta1_minus_one, small);
+    exp_avg[j] = lerp(exp_avg[j], g, one_minus_beta1, one_minus_beta1_minus_one, Small);
     T v = fused(one_minus_beta2 * g, g, exp_avg_sq[j] * beta2);
     exp_avg_sq[j] = v;
     if (Amsgrad) {
@@ -283,7 +296,8 @@ void adam(T** slots, int64_t start, int64_t n, const double* hp, const double* p
   with_bool(weight_decay && !decoupled, [&](auto l2) {
     with_bool(decoupled, [&](auto dec) {
       with_bool(flags & AMSGRAD, [&](auto ams) {
-        AdamRule<T, decltype(l2)::value, decltype(dec)::value, decltype(ams)::value> rule{
+       with_bool(std::abs(one_minus_beta1) < T(0.5), [&](auto sm) {
+        AdamRule<T, decltype(l2)::value, decltype(dec)::value, decltype(ams)::value, decltype(sm)::value> rule{
             slots[0] + start, slots[1] + start, slots[2] + start, slots[3] + start,
             ams ? slots[4] + start : nullptr,
             one_minus_beta1, one_minus_beta1 - T(1), static_cast<T>(hp[1]), static_cast<T>(hp[2]),
@@ -291,6 +305,7 @@ void adam(T** slots, int64_t start, int64_t n, const double* hp, const double* p
             T((flags & MAXIMIZE) ? -1 : 1), static_cast<T>(per[0]), static_cast<T>(per[1]),
             std::abs(one_minus_beta1) < T(0.5)};
         split_at_sqrt<T>(rule, n);
+       });
       });
     });
   });

@@ -10,7 +10,8 @@ Adam's betas as tensors) uses the plain path for the whole step.
 
 The per-step scalars (bias corrections, Adagrad's decayed learning rate) are
 computed here with the very expressions of the plain path, once per distinct step
-count, so both paths see the same numbers.
+count, so both paths see the same numbers. The kernel's hyperparameters are call
+arguments: a learning rate that changes every step rebuilds nothing.
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ a step that raises changes nothing:
 Implementations (``impl``, a keyword-only argument of every ravine optimizer):
 ``"plain"`` runs :meth:`RavineOptimizer.update`, the rule written with torch's
 list operations; ``"fast"`` runs the compiled CPU step of :mod:`ravine.kernels`
-(one pass over memory per step, bit-equal to the plain path) and raises if it
-cannot be built; ``"auto"`` (the default) uses the compiled step when the optimizer
+(one pass over memory per step; the same operations and rounding as the plain path,
+square roots aside: correctly rounded by default, torch's own with
+``RAVINE_EXACT_SQRT=1``, which makes it bit-equal) and raises if it cannot be built; ``"auto"`` (the default) uses the compiled step when the optimizer
 has one and it builds, else the plain path. Parameters the compiled step does not
 take (not float32/float64, complex, non-contiguous, not on the CPU, state in
 another dtype) take the plain path in the same step, whatever ``impl`` says.
