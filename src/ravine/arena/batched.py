@@ -450,7 +450,9 @@ def _kernel_spec(optimizer: torch.optim.Optimizer, dtype: torch.dtype) -> Any:
     if optimizer.param_groups[0].get("state_dtype") is not None:
         return None
     spec = _fast.spec_for(optimizer)
-    if spec is None or _cpu.unavailable_reason() is not None:
+    if spec is None or spec.arguments(optimizer.param_groups[0], [1.0]) is None:
+        return None  # no compiled step, or not for these hyperparameters
+    if _cpu.unavailable_reason() is not None:
         return None
     return spec
 
