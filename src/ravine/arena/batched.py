@@ -397,13 +397,24 @@ def _clip_per_run_(grads: list[Tensor], max_norm: float) -> None:
 
 
 class _KernelStep:
-    """The optimizers' compiled CPU step (:mod:`ravine.kernels`), called once per run
-    on that run's slices of the stacked tensors, with that run's hyperparameters: the
-    very step a run takes on its own when its optimizer uses the compiled path."""
+    """The optimizers' compiled CPU step (:mod:`ravine.kernels`) on every run's slices
+    of the stacked tensors, each run with its own hyperparameters: the very step a run
+    takes on its own when its optimizer uses the compiled path.
+
+    The kernel reads one set of shared hyperparameters per call and a row of scalars
+    per tensor; run ``r``'s slice of tensor ``t`` is the kernel's tensor ``r T + t``.
+    When the live runs' shared hyperparameters are equal (the learning rate only enters
+    the per-tensor scalars, as in Adam without decoupled decay and Adagrad) one call
+    steps every run; otherwise one call per run.
+    """
+
+    #: Steps whose arguments are worked out at once while a run's learning rate stays put.
+    BLOCK = 256
 
     def __init__(self, spec: Any, names: tuple[str, ...], tensors: list[Tensor], state: dict[str, list[Tensor]]) -> None:
         self.spec = spec
-        self.runs = tensors[0].shape[0]
+        self.runs = runs = tensors[0].shape[0]
+        self.count = count = len(tensors)
         self.dtype = tensors[0].dtype
         sizes = [tensor[0].numel() for tensor in tensors]
         self.slice_bytes = np.array([size * tensors[0].element_size() for size in sizes], dtype=np.int64)
@@ -413,32 +424,75 @@ class _KernelStep:
             for start in range(0, size, _fast.ITEM_ELEMENTS)
         ]
         self.items = np.array(items, dtype=np.int64).reshape(-1, 3)
+        self.run_items = [self.items + np.array([r * count, 0, 0], dtype=np.int64) for r in range(runs)]
         self.threads = torch.get_num_threads() if sum(sizes) >= _fast.PARALLEL_ELEMENTS else 1
-        offsets = np.arange(self.runs, dtype=np.int64)[:, None] * self.slice_bytes[None, :]
-        # pointers[r, t] = (param, grad, state...) of run r's slice of tensor t
-        self.pointers = np.zeros((self.runs, len(tensors), 2 + len(names)), dtype=np.int64)
-        self.pointers[:, :, 0] = np.array([t.data_ptr() for t in tensors], dtype=np.int64)[None, :] + offsets
+        self.all_threads = torch.get_num_threads() if runs * sum(sizes) >= _fast.PARALLEL_ELEMENTS else 1
+        offsets = np.arange(runs, dtype=np.int64)[:, None] * self.slice_bytes[None, :]
+        # pointers[r * T + t] = (param, grad, state...) of run r's slice of tensor t
+        pointers = np.zeros((runs, count, 2 + len(names)), dtype=np.int64)
+        pointers[:, :, 0] = np.array([t.data_ptr() for t in tensors], dtype=np.int64)[None, :] + offsets
         for k, name in enumerate(names):
             bases = np.array([buffer.data_ptr() for buffer in state[name]], dtype=np.int64)
-            self.pointers[:, :, 2 + k] = bases[None, :] + offsets
-        self.offsets = offsets
-        self.per_tensor = np.zeros((len(tensors), max(spec.scalars_per_tensor, 1)), dtype=np.float64)
+            pointers[:, :, 2 + k] = bases[None, :] + offsets
+        self.pointers = pointers.reshape(runs * count, -1)
+        self.offsets = offsets.reshape(-1)
+        self.grad_pointers: list[int] | None = None
+        self.per_tensor = np.zeros((runs * count, max(spec.scalars_per_tensor, 1)), dtype=np.float64)
+        self.live: tuple[bool, ...] | None = None
+        self.live_items = self.items
+        self.cache: list[tuple[Any, tuple[int, list[float], dict[float, list[float]]]] | None] = [None] * runs
+
+    def _arguments(self, r: int, group: dict[str, Any], step: float) -> tuple[int, list[float], list[float]] | None:
+        """``spec.arguments`` for run ``r``'s group at ``step``: (flags, shared
+        hyperparameters, per-tensor scalars). While the run's learning rate (a number)
+        stays the same, the arguments of the next steps are worked out in one go."""
+        lr = group["lr"]
+        cached = self.cache[r]
+        if cached is not None and type(lr) is float and cached[0] == lr:
+            flags, hyperparameters, per_step = cached[1]
+            if not self.spec.scalars_per_tensor:  # nothing depends on the step
+                return flags, hyperparameters, []
+            if step not in per_step:
+                arguments = self.spec.arguments(group, [step + k for k in range(self.BLOCK)])
+                if arguments is None:
+                    return None
+                self.cache[r] = (lr, arguments)
+                flags, hyperparameters, per_step = arguments
+            return flags, hyperparameters, per_step[step]
+        arguments = self.spec.arguments(group, [step])
+        if arguments is None:
+            return None
+        self.cache[r] = (lr, arguments)
+        return arguments[0], arguments[1], arguments[2][step] if self.spec.scalars_per_tensor else []
 
     def update(self, grads: list[Tensor], groups: list[dict[str, Any]], alive: list[bool], step: float) -> bool:
         """One step of every live run; False (nothing written) when the kernel cannot
         take this step's hyperparameters."""
-        arguments = [self.spec.arguments(group, [step]) for group in groups]
-        if any(argument is None for argument in arguments):
+        arguments = [self._arguments(r, group, step) if alive[r] else None for r, group in enumerate(groups)]
+        if any(argument is None for argument, live in zip(arguments, alive) if live):
             return False
         grads = [grad if grad.is_contiguous() else grad.contiguous() for grad in grads]
-        self.pointers[:, :, 1] = np.array([grad.data_ptr() for grad in grads], dtype=np.int64)[None, :] + self.offsets
+        grad_pointers = [grad.data_ptr() for grad in grads]
+        if grad_pointers != self.grad_pointers:
+            self.pointers[:, 1] = np.tile(np.array(grad_pointers, dtype=np.int64), self.runs) + self.offsets
+            self.grad_pointers = grad_pointers
+        live = tuple(alive)
+        if live != self.live:
+            self.live = live
+            self.live_items = np.concatenate([self.run_items[r] for r in range(self.runs) if live[r]])
         family, dtype = _cpu.FAMILIES[self.spec.family], _cpu.DTYPES[self.dtype]
-        for r, (flags, hyperparameters, per_step) in enumerate(arguments):
-            if not alive[r]:
-                continue
-            if self.spec.scalars_per_tensor:
-                self.per_tensor[:] = per_step[step]
-            _cpu.step(family, dtype, self.items, np.ascontiguousarray(self.pointers[r]), self.per_tensor,
+        count, per_tensor = self.count, self.per_tensor
+        used = [(r, argument) for r, argument in enumerate(arguments) if argument is not None]
+        if self.spec.scalars_per_tensor:
+            for r, (_, _, per) in used:
+                per_tensor[r * count : (r + 1) * count] = per
+        first_flags, first_hyperparameters, _ = used[0][1]
+        if all(flags == first_flags and hyperparameters == first_hyperparameters for _, (flags, hyperparameters, _) in used):
+            _cpu.step(family, dtype, self.live_items, self.pointers, per_tensor,
+                      np.asarray(first_hyperparameters, dtype=np.float64), first_flags, self.all_threads)
+            return True
+        for r, (flags, hyperparameters, _) in used:
+            _cpu.step(family, dtype, self.run_items[r], self.pointers, per_tensor,
                       np.asarray(hyperparameters, dtype=np.float64), flags, self.threads)
         return True
 
