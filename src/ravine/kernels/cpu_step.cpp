@@ -123,7 +123,7 @@ inline void split_at_sqrt(const Rule rule, int64_t n) {  // by value: its pointe
 }
 
 // Hyperparameters, in the order ravine.kernels.cpu passes them.
-enum Family { SGD = 0, ADAGRAD = 1, RMSPROP = 2, ADAM = 3 };
+enum Family { SGD = 0, ADAGRAD = 1, RMSPROP = 2, ADAM = 3, ADAMAX = 4 };
 enum Flags {
   MAXIMIZE = 1,
   NESTEROV = 2,       // SGD
@@ -311,6 +311,42 @@ void adam(T** slots, int64_t start, int64_t n, const double* hp, const double* p
   });
 }
 
+// Adamax. hp: 1 - beta1, beta2, eps, weight_decay. per-tensor: -lr / (1 - beta1^t).
+// Slots: param, grad, exp_avg, exp_inf. No square root: one loop.
+template <typename T, bool WeightDecay, bool Small>
+void adamax_loop(T** slots, int64_t start, int64_t n, const double* hp, const double* per, T sign) {
+  T* __restrict param = slots[0] + start;
+  const T* __restrict grad = slots[1] + start;
+  T* __restrict exp_avg = slots[2] + start;
+  T* __restrict exp_inf = slots[3] + start;
+  const T one_minus_beta1 = static_cast<T>(hp[0]);
+  const T one_minus_beta1_minus_one = one_minus_beta1 - T(1);
+  const T beta2 = static_cast<T>(hp[1]);
+  const T eps = static_cast<T>(hp[2]);
+  const T weight_decay = static_cast<T>(hp[3]);
+  const T neg_step_size = static_cast<T>(per[0]);
+#pragma GCC ivdep
+  for (int64_t j = 0; j < n; ++j) {
+    T g = grad[j] * sign;
+    if (WeightDecay) g = fused(param[j], weight_decay, g);
+    T m = lerp(exp_avg[j], g, one_minus_beta1, one_minus_beta1_minus_one, Small);
+    exp_avg[j] = m;
+    T u = maximum(exp_inf[j] * beta2, std::abs(g) + eps);
+    exp_inf[j] = u;
+    param[j] += neg_step_size * m / u;
+  }
+}
+
+template <typename T>
+void adamax(T** slots, int64_t start, int64_t n, const double* hp, const double* per, int64_t flags) {
+  const T sign = T((flags & MAXIMIZE) ? -1 : 1);
+  with_bool(flags & HAS_WEIGHT_DECAY, [&](auto wd) {
+    with_bool(std::abs(static_cast<T>(hp[0])) < T(0.5), [&](auto sm) {
+      adamax_loop<T, decltype(wd)::value, decltype(sm)::value>(slots, start, n, hp, per, sign);
+    });
+  });
+}
+
 template <typename T>
 void run(int64_t family, int64_t n_items, const int64_t* items, const int64_t* pointers, int64_t n_slots,
          const double* per_tensor, int64_t n_per, const double* hp, int64_t flags, int64_t threads) {
@@ -325,6 +361,7 @@ void run(int64_t family, int64_t n_items, const int64_t* items, const int64_t* p
       case ADAGRAD: adagrad<T>(slots, start, length, hp, per, flags); break;
       case RMSPROP: rmsprop<T>(slots, start, length, hp, per, flags); break;
       case ADAM: adam<T>(slots, start, length, hp, per, flags); break;
+      case ADAMAX: adamax<T>(slots, start, length, hp, per, flags); break;
     }
   }
 }

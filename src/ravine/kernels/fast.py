@@ -125,9 +125,22 @@ def _adam(group, steps):
     return flags, hp, per
 
 
+def _adamax(group, steps):
+    beta1, beta2 = group["betas"]
+    if not all(_is_number(value) for value in (beta1, beta2, group["eps"], group["weight_decay"])):
+        return None
+    flags = MAXIMIZE * group["maximize"] | HAS_WEIGHT_DECAY * (group["weight_decay"] != 0)
+    hp = [T.scalar(1 - beta1), beta2, group["eps"], group["weight_decay"]]
+    lr = group["lr"]
+    # The same expression as Adamax.update, so a tensor lr rounds the same way.
+    per = {step: [-T.scalar(lr / T.bias_correction(beta1, step))] for step in set(steps)}
+    return flags, hp, per
+
+
 def _specs() -> dict[type, Spec]:
     from ravine.optim.adagrad import Adagrad
     from ravine.optim.adam import Adam, AdamW
+    from ravine.optim.adamax import Adamax
     from ravine.optim.rmsprop import RMSprop
     from ravine.optim.sgd import SGD
 
@@ -137,6 +150,7 @@ def _specs() -> dict[type, Spec]:
         RMSprop: Spec("rmsprop", _rmsprop, 0),
         Adam: Spec("adam", _adam, 2),
         AdamW: Spec("adam", _adam, 2),
+        Adamax: Spec("adamax", _adamax, 1),
     }
 
 

@@ -32,7 +32,8 @@ class Adamax(RavineOptimizer):
         lr: :math:`\eta` >= 0 (float or 1-element tensor). betas:
         :math:`(\beta_1, \beta_2)`, each in [0, 1). eps: :math:`\epsilon` >= 0.
         weight_decay: :math:`\lambda` >= 0 (L2 penalty). maximize: ascend instead of
-        descend.
+        descend. impl: (ravine only, keyword) ``"auto"``, ``"plain"`` or ``"fast"``,
+        the implementation that runs the step (see :mod:`ravine.optim.base`).
     """
 
     #: Each coordinate is updated from its own gradient and state alone.
@@ -50,6 +51,7 @@ class Adamax(RavineOptimizer):
         maximize: bool = False,
         differentiable: bool = False,
         capturable: bool = False,
+        impl: str = "auto",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -62,7 +64,7 @@ class Adamax(RavineOptimizer):
             "capturable": capturable,
         }
         self.check_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, impl=impl)
 
     def check_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
