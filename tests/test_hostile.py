@@ -8,7 +8,6 @@ tensors) are checked directly. Spec strings are parsed, never evaluated."""
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import pytest
@@ -165,7 +164,6 @@ def test_valid_extremes(name):
     # may declare a narrower range (schedule-free needs momentum in (0, 1)); then the
     # value is refused by name, which the property test above checks.
     extremes = [("eps", 1e30), ("betas", (0.0, 0.0)), ("momentum", 0.0)]
-    tried = 0
     for argument, value in extremes:
         if argument not in defaults or type(defaults[argument]) is not type(value) and not (
             isinstance(defaults[argument], (int, float)) and isinstance(value, float)
@@ -181,7 +179,6 @@ def test_valid_extremes(name):
             continue
         step_twice(optimizer, weight, empty)
         assert torch.isfinite(weight).all(), (argument, value)
-        tried += 1
     # an empty param group beside a real one, and a step where no parameter has a gradient
     weight, empty, unused = make_params()
     optimizer = entry.cls([{"params": [weight]}, {"params": []}], **entry.presets)

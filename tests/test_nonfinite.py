@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 
 import pytest
 import torch
@@ -17,9 +18,9 @@ from optimizer_table import CASES, clone_options
 NAMES = ravine.available()
 
 
-def make_model(seed: int = 0) -> torch.nn.Module:
+def make_model(seed: int = 0, bias: bool = True) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    return torch.nn.Sequential(torch.nn.Linear(6, 8, bias=bias), torch.nn.Tanh(), torch.nn.Linear(8, 2, bias=bias))
 
 
 def backward(model, step: int, poison: float | None = None) -> None:
@@ -85,8 +86,12 @@ def test_raise_names_the_parameter_and_changes_nothing(name):
     before = snapshot(model, optimizer)
     backward(model, 2)
     model[2].bias.grad[1] = float("nan")
-    with pytest.raises(RuntimeError, match=r"param group 1, parameter 1 \(shape \(2,\)\)"):
+    with pytest.raises(RuntimeError, match=r"param group (\d+), parameter (\d+) \(shape \(2,\)\)") as error:
         optimizer.step()
+    # the named parameter is the bias (an optimizer may regroup parameters, as
+    # MuonWithAdamW does)
+    group, index = map(int, re.search(r"param group (\d+), parameter (\d+)", str(error.value)).groups())
+    assert optimizer.param_groups[group]["params"][index] is model[2].bias
     assert_same(before, snapshot(model, optimizer))
     assert optimizer.skipped_steps == 0
 
@@ -94,7 +99,7 @@ def test_raise_names_the_parameter_and_changes_nothing(name):
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_ignore_is_the_default_and_matches_torch(case):
     options = clone_options(case.options[-2])
-    ours_model, torch_model = make_model(), make_model()
+    ours_model, torch_model = make_model(bias=case.takes_vectors), make_model(bias=case.takes_vectors)
     ours = case.ravine_cls(ours_model.parameters(), **clone_options(options))
     theirs = case.torch_cls(torch_model.parameters(), **clone_options(options))
     assert ours.nonfinite == "ignore" and "skipped_steps" not in ours.state_dict()
@@ -216,3 +221,15 @@ def test_grad_scaler_check_takes_precedence():
     assert our_scales == their_scales and our_scales[1] == 2.0**19  # backed off once
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+def test_huge_finite_gradients_are_not_mistaken_for_overflow():
+    """Squares of 1e30 overflow float32, so the fused norm is inf; the entries are
+    finite, and the step must run (as torch.optim's would)."""
+    weight = torch.nn.Parameter(torch.zeros(4))
+    optimizer = ravine.SGD([weight], lr=1e-30)
+    optimizer.nonfinite = "raise"
+    weight.grad = torch.full((4,), 1e30)
+    optimizer.step()
+    assert optimizer.skipped_steps == 0
+    torch.testing.assert_close(weight.detach(), torch.full((4,), -1.0))
