@@ -137,10 +137,40 @@ def _adamax(group, steps):
     return flags, hp, per
 
 
+def _nadam(group, steps):
+    from ravine.optim.nadam import momentum_coefficient
+
+    beta1, beta2 = group["betas"]
+    if not all(_is_number(value) for value in (beta1, beta2, group["eps"], group["weight_decay"], group["momentum_decay"])):
+        return None
+    lr = group["lr"]
+    weight_decay = group["weight_decay"]
+    flags = MAXIMIZE * group["maximize"]
+    decay_factor = 1.0
+    if weight_decay != 0:
+        flags |= HAS_WEIGHT_DECAY
+        if group["decoupled_weight_decay"]:
+            flags |= DECOUPLED
+            decay_factor = T.scalar(1 - lr * weight_decay)
+    hp = [T.scalar(1 - beta1), beta2, T.scalar(1 - beta2), group["eps"], weight_decay, decay_factor]
+    # NAdam's steps are (t, mu_product) pairs; the same expressions as NAdam.update.
+    per = {}
+    for step, mu_product in set(steps):
+        mu = momentum_coefficient(beta1, group["momentum_decay"], step)
+        mu_next = momentum_coefficient(beta1, group["momentum_decay"], step + 1)
+        per[(step, mu_product)] = [
+            T.bias_correction(beta2, step),
+            T.scalar(-lr * (1.0 - mu) / (1.0 - mu_product)),
+            T.scalar((-lr * mu_next) / (1.0 - mu_product * mu_next)),
+        ]
+    return flags, hp, per
+
+
 def _specs() -> dict[type, Spec]:
     from ravine.optim.adagrad import Adagrad
     from ravine.optim.adam import Adam, AdamW
     from ravine.optim.adamax import Adamax
+    from ravine.optim.nadam import NAdam
     from ravine.optim.rmsprop import RMSprop
     from ravine.optim.sgd import SGD
 
@@ -151,6 +181,7 @@ def _specs() -> dict[type, Spec]:
         Adam: Spec("adam", _adam, 2),
         AdamW: Spec("adam", _adam, 2),
         Adamax: Spec("adamax", _adamax, 1),
+        NAdam: Spec("nadam", _nadam, 3),
     }
 
 

@@ -41,6 +41,8 @@ class NAdam(RavineOptimizer):
         weight_decay: :math:`\lambda` >= 0. momentum_decay: :math:`\psi` >= 0.
         decoupled_weight_decay: decay the weights directly (NAdamW) instead of adding
         :math:`\lambda\theta` to the gradient. maximize: ascend instead of descend.
+        impl: (ravine only, keyword) ``"auto"``, ``"plain"`` or ``"fast"``, the
+        implementation that runs the step (see :mod:`ravine.optim.base`).
     """
 
     #: Each coordinate is updated from its own gradient and state alone.
@@ -60,6 +62,7 @@ class NAdam(RavineOptimizer):
         maximize: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
+        impl: str = "auto",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -74,7 +77,7 @@ class NAdam(RavineOptimizer):
             "differentiable": differentiable,
         }
         self.check_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, impl=impl)
 
     def check_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
