@@ -4,15 +4,17 @@ Trains R runs of an arena task (default: 16 runs of mnist1d-mlp, the arena's bat
 32, 2 epochs each) twice: one after another with ``ravine.arena.train.train``, and all
 at once with ``ravine.arena.batched.train_batched``. Two sets of runs are timed: an lr
 grid (R log-spaced learning rates, seed 0, as the arena's search) and seeds (one lr,
-seeds 1..R, as its re-runs). The two ways alternate ``--repeats`` times on one thread,
-so load from other processes falls on both; the best time of each is compared, both wall
-time and this process's CPU time (on a machine shared with other jobs the wall time
-counts the time other processes held the core; the CPU time is what the runs took).
-Prints the speed-ups and the largest difference between the two ways in final train
+seeds 1..R, as its re-runs). Each way runs with every torch thread count of
+``--threads`` (default 1 and 2: ``torch.set_num_threads``); the ways and thread counts
+alternate ``--repeats`` times, so load from other processes falls on all of them. The
+best wall time of each is printed with its CPU time (this process's, all threads; on a
+machine shared with other jobs the wall time counts the time other processes held the
+cores), then the speed-ups: at equal thread counts, and each way's best thread count
+against the other's. Last, the largest difference between the two ways in final train
 loss, test loss and test accuracy.
 
     python benchmarks/batched_runs.py
-    python benchmarks/batched_runs.py --runs 16 --epochs 2 --optimizer adam --repeats 3
+    python benchmarks/batched_runs.py --runs 16 --epochs 2 --optimizer adam --repeats 3 --threads 1,2
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import math
 import os
 import time
+from dataclasses import replace
 
 import torch
 
@@ -49,9 +52,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     arguments = parser.parse_args()
+    thread_counts = [int(value) for value in arguments.threads.split(",")]
 
-    torch.set_num_threads(1)
     task = get_task(arguments.task)
     task.data  # generate or read the cached data before timing
 
@@ -64,36 +68,58 @@ def main() -> None:
 
     print(
         f"{arguments.runs} runs of {task.name}, {arguments.optimizer}, batch {arguments.batch_size}, "
-        f"{arguments.epochs} epochs each; torch {torch.__version__}, 1 thread, "
+        f"{arguments.epochs} epochs each; torch {torch.__version__}, torch threads "
+        f"{', '.join(map(str, thread_counts))} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), "
         f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}"
     )
+    ways = {"sequential": lambda runs: [train(task, config) for config in runs],
+            "batched": lambda runs: train_batched(task, runs)}
     for kind in ("lr grid", "seeds"):
         runs = configs(kind)
-        times: dict[str, list[tuple[float, float]]] = {"sequential": [], "batched": []}
+        times: dict[tuple[str, int], list[tuple[float, float]]] = {
+            (way, threads): [] for way in ways for threads in thread_counts
+        }
+        results = {}
+        for threads in thread_counts:  # first calls (kernel loading, allocator) are not timed
+            torch.set_num_threads(threads)
+            warm_up = [replace(config, epochs=None, steps=2) for config in runs[:2]]
+            train(task, warm_up[0])
+            train_batched(task, warm_up)
         for _ in range(arguments.repeats):
-            wall, cpu = time.perf_counter(), time.process_time()
-            sequential = [train(task, config) for config in runs]
-            times["sequential"].append((time.perf_counter() - wall, time.process_time() - cpu))
-            wall, cpu = time.perf_counter(), time.process_time()
-            batched = train_batched(task, runs)
-            times["batched"].append((time.perf_counter() - wall, time.process_time() - cpu))
-        differences = largest_differences(sequential, batched)
-        for clock, position in (("wall", 0), ("CPU", 1)):
-            one = min(t[position] for t in times["sequential"])
-            many = min(t[position] for t in times["batched"])
+            for threads in thread_counts:
+                torch.set_num_threads(threads)
+                for way, function in ways.items():
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    results[way, threads] = function(runs)
+                    times[way, threads].append((time.perf_counter() - wall, time.process_time() - cpu))
+        torch.set_num_threads(thread_counts[0])
+        best = {key: min(values) for key, values in times.items()}  # the fastest wall time, with its CPU time
+        print(f"{kind}:")
+        for (way, threads), (wall, cpu) in best.items():
             print(
-                f"{kind:8s} {clock:4s}: sequential {one:7.2f} s  batched {many:6.2f} s  "
-                f"speed-up {one / many:5.1f}x  (all: sequential "
-                f"{', '.join(f'{t[position]:.2f}' for t in times['sequential'])}; batched "
-                f"{', '.join(f'{t[position]:.2f}' for t in times['batched'])})"
+                f"  {way:10s} {threads} thread{'s' if threads > 1 else ' '}: wall {wall:6.2f} s  CPU {cpu:6.2f} s"
+                f"  (all wall: {', '.join(f'{t[0]:.2f}' for t in times[way, threads])})"
             )
+        for threads in thread_counts:
+            print(f"  speed-up at {threads} thread{'s' if threads > 1 else ''}: "
+                  f"{best['sequential', threads][0] / best['batched', threads][0]:5.2f}x wall")
+        one = min(thread_counts, key=lambda t: best["sequential", t][0])
+        many = min(thread_counts, key=lambda t: best["batched", t][0])
         print(
-            f"          largest difference: final train loss {differences['final_train_loss']:.2e}, "
-            f"test loss {differences['final_test_loss']:.2e}, "
-            f"test accuracy {differences['final_test_metric']:.2e}; "
-            f"status differs in {differences['status']} runs; "
-            f"test accuracy {min(r.final_test_metric for r in batched):.3f}..{max(r.final_test_metric for r in batched):.3f}"
+            f"  speed-up, each way at its best: {best['sequential', one][0] / best['batched', many][0]:5.2f}x wall "
+            f"(sequential with {one}, batched with {many} thread{'s' if many > 1 else ''})"
         )
+        for threads in thread_counts:
+            differences = largest_differences(results["sequential", threads], results["batched", threads])
+            batched = results["batched", threads]
+            print(
+                f"  largest difference at {threads} thread{'s' if threads > 1 else ''}: final train loss {differences['final_train_loss']:.2e}, "
+                f"test loss {differences['final_test_loss']:.2e}, "
+                f"test accuracy {differences['final_test_metric']:.2e}; "
+                f"status differs in {differences['status']} runs; "
+                f"test accuracy {min(r.final_test_metric for r in batched):.3f}..{max(r.final_test_metric for r in batched):.3f}"
+            )
+    print(f"load at the end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

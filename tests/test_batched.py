@@ -186,3 +186,43 @@ def test_train_batched_refuses_what_it_cannot_batch():
     registry.register("test-torch-sgd", torch.optim.SGD)
     with pytest.raises(ValueError, match="cannot be batched"):
         train_batched(RESIDUAL, [TrainConfig("test-torch-sgd", lr=0.1), TrainConfig("test-torch-sgd", lr=0.2)])
+
+
+def test_written_out_backward_equals_autograd():
+    # The hand-written layers' forward and backward (no autograd) against autograd's
+    # backward through the same batched layers, on four runs of the residual MLP.
+    from ravine.arena.batched import _batched_forward, _batched_loss, _manual_training_step
+
+    models = [RESIDUAL.make_model(seed) for seed in range(4)]
+    names = [name for name, _ in models[0].named_parameters()]
+    params = {
+        name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).requires_grad_(True)
+        for name in names
+    }
+    generator = torch.Generator().manual_seed(5)
+    inputs = torch.randn(4, 8, 6, generator=generator)
+    targets = torch.randint(0, 3, (4, 8), generator=generator)
+    losses = _batched_loss(nn.functional.cross_entropy)(_batched_forward(models[0], {})(params, inputs), targets)
+    losses.sum().backward()
+    manual_losses, gradients = _manual_training_step(models[0], {}, nn.functional.cross_entropy)(params, inputs, targets)
+    assert torch.equal(manual_losses, losses.detach())
+    computed = gradients()
+    assert set(computed) == set(names)
+    for name in names:
+        assert params[name].grad.abs().max() > 0
+        assert torch.equal(computed[name], params[name].grad), name
+    # models the hand-written layers do not cover fall back to autograd
+    assert _manual_training_step(GENERIC.make_model(0), {}, nn.functional.cross_entropy) is None
+    assert _manual_training_step(models[0], {}, nn.functional.mse_loss) is None
+
+
+def test_a_diverging_run_stops_alone_when_one_kernel_call_steps_every_run():
+    # Adam's runs share every hyperparameter but the lr: one compiled-step call steps
+    # them all, and a run that stops drops out of it.
+    configs = [TrainConfig(optimizer="adam", lr=lr, epochs=3, seed=0) for lr in (1e-2, 1e5, 3e-2)]
+    sequential, sequential_parameters = _sequential(RESIDUAL, configs)
+    batched, batched_parameters = train_batched(RESIDUAL, configs, return_parameters=True)
+    assert [result.status for result in sequential] == ["ok", "diverged", "ok"]
+    _assert_same_runs(sequential, batched)
+    for r in (0, 2):
+        _assert_same_parameters([sequential_parameters[r]], [batched_parameters[r]])

@@ -212,6 +212,122 @@ def _batched_forward(model: nn.Module, buffers: dict[str, Tensor]) -> Callable[[
     return lambda params, inputs: mapped(params, buffers, inputs)
 
 
+# ---------------------------------------------------------------------------------------
+# Forward and backward written out (no autograd), for the hand-written layers with the
+# cross-entropy loss: the same operations autograd's backward would run, in its order,
+# without its graph and per-node cost.
+
+
+class _Tape:
+    """What a forward pass keeps for its backward pass, and the gradients it forms."""
+
+    def __init__(self) -> None:
+        self.saved: list[Any] = []
+        self.grads: dict[str, Tensor] = {}
+
+
+def _manual_layer(module: nn.Module, prefix: str) -> tuple[Callable, Callable] | None:
+    """``(forward(params, x, tape), backward(params, grad, tape, need_input_grad))`` for
+    the modules written out here; ``None`` for any other. ``backward`` pops what the
+    matching ``forward`` pushed and returns the input's gradient (or ``None``)."""
+    if type(module) is nn.Linear:
+        weight_key, bias_key = prefix + "weight", prefix + "bias"
+        has_bias = module.bias is not None
+
+        def linear_forward(params, x, tape):
+            tape.saved.append(x)
+            if not has_bias:
+                return torch.bmm(x, params[weight_key].transpose(1, 2))
+            return torch.baddbmm(params[bias_key].unsqueeze(1), x, params[weight_key].transpose(1, 2))
+
+        def linear_backward(params, grad, tape, need_input_grad):
+            x = tape.saved.pop()
+            # the products of _BatchedLinear.backward, in nn.Linear's order
+            tape.grads[weight_key] = torch.bmm(grad.transpose(1, 2), x)
+            if has_bias:
+                tape.grads[bias_key] = grad.sum(dim=1)
+            return torch.bmm(grad, params[weight_key]) if need_input_grad else None
+        return linear_forward, linear_backward
+    if type(module) is nn.ReLU:
+        def relu_forward(params, x, tape):
+            output = x.relu()
+            tape.saved.append(output)
+            return output
+
+        def relu_backward(params, grad, tape, need_input_grad):
+            # autograd's threshold_backward: 0 where the output is <= 0
+            return torch.ops.aten.threshold_backward(grad, tape.saved.pop(), 0)
+        return relu_forward, relu_backward
+    if type(module) is ResidualMLP:
+        layers = [_manual_layer(child, prefix + name + ".") for name, child in
+                  (("linear1", module.linear1), ("linear2", module.linear2), ("linear3", module.linear3))]
+        relu = _manual_layer(nn.ReLU(), "")
+        (f1, b1), (f2, b2), (f3, b3) = layers
+        relu_forward, relu_backward = relu
+
+        def residual_forward(params, x, tape):
+            hidden = relu_forward(params, f1(params, x, tape), tape)
+            hidden = hidden + relu_forward(params, f2(params, hidden, tape), tape)
+            return f3(params, hidden, tape)
+
+        def residual_backward(params, grad, tape, need_input_grad):
+            grad_hidden = b3(params, grad, tape, True)
+            grad_branch = b2(params, relu_backward(params, grad_hidden, tape, True), tape, True)
+            grad_hidden = grad_hidden + grad_branch  # the two uses of the first hidden layer
+            return b1(params, relu_backward(params, grad_hidden, tape, True), tape, need_input_grad)
+        return residual_forward, residual_backward
+    if type(module) is nn.Sequential:
+        children = [_manual_layer(child, f"{prefix}{name}.") for name, child in module.named_children()]
+        if not children or any(child is None for child in children):
+            return None
+
+        def chain_forward(params, x, tape):
+            for forward, _ in children:
+                x = forward(params, x, tape)
+            return x
+
+        def chain_backward(params, grad, tape, need_input_grad):
+            for k in range(len(children) - 1, -1, -1):
+                grad = children[k][1](params, grad, tape, need_input_grad or k > 0)
+            return grad
+        return chain_forward, chain_backward
+    return None
+
+
+def _manual_training_step(model: nn.Module, buffers: dict[str, Tensor], loss_fn: Callable) -> Callable | None:
+    """A function ``(params, inputs, targets) -> (per-run losses (R,), backward)`` whose
+    ``backward()`` returns every run's gradients of its own mean cross-entropy, as
+    autograd would form them for the summed per-run losses; ``None`` when the model or
+    the loss is not written out here."""
+    layer = _manual_layer(model, "")
+    if layer is None or buffers or loss_fn is not F.cross_entropy:
+        return None
+    forward, backward = layer
+
+    @torch.no_grad()
+    def step(params: dict[str, Tensor], inputs: Tensor, targets: Tensor) -> tuple[Tensor, Callable]:
+        tape = _Tape()
+        outputs = forward(params, inputs, tape)
+        runs, batch = targets.shape[:2]
+        flat = outputs.reshape(runs * batch, -1)
+        log_probabilities = torch.log_softmax(flat, dim=1)
+        target = targets.reshape(-1)
+        losses = F.nll_loss(log_probabilities, target, reduction="none").view(runs, batch).mean(dim=1)
+
+        @torch.no_grad()
+        def gradients() -> dict[str, Tensor]:
+            # sum over runs, then each run's mean over its batch: 1 / batch per example
+            grad = torch.ones(runs, 1, dtype=losses.dtype).expand(runs, batch) / batch
+            grad = torch.ops.aten.nll_loss_backward(
+                grad.reshape(-1), log_probabilities, target, None, 0, -100, torch.zeros((), dtype=losses.dtype)
+            )
+            grad = torch.ops.aten._log_softmax_backward_data(grad, log_probabilities, 1, log_probabilities.dtype)
+            backward(params, grad.view(outputs.shape), tape, False)
+            return tape.grads
+        return losses, gradients
+    return step
+
+
 def _batched_loss(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
     """Per-run losses ``(R,)`` from outputs ``(R, B, ...)`` and targets ``(R, B, ...)``."""
     if loss_fn is F.cross_entropy:
@@ -602,6 +718,7 @@ class _BatchedTraining:
         tensors = [params[key] for key in names]
         forward = _batched_forward(models[0], buffers)
         per_run_loss = _batched_loss(task.loss_fn)
+        manual_step = _manual_training_step(models[0], buffers, task.loss_fn)
         state = rule.init_state(tensors)
         kernel_spec = _kernel_spec(probes[0], tensors[0].dtype)
         kernel = None
@@ -634,7 +751,10 @@ class _BatchedTraining:
                 began = time.perf_counter()
                 for tensor in tensors:
                     tensor.grad = None
-                losses = per_run_loss(forward(params, inputs), targets)
+                if manual_step is not None:
+                    losses, gradients = manual_step(params, inputs, targets)
+                else:
+                    losses = per_run_loss(forward(params, inputs), targets)
                 values = losses.detach().tolist()
                 stopped = []
                 for index_, (run, value) in enumerate(zip(self.runs, values)):
@@ -643,8 +763,12 @@ class _BatchedTraining:
                 alive[stopped] = False
                 if not alive.any():
                     break
-                losses.sum().backward()
-                grads = [tensor.grad for tensor in tensors]
+                if manual_step is not None:
+                    computed = gradients()
+                    grads = [computed[key] for key in names]
+                else:
+                    losses.sum().backward()
+                    grads = [tensor.grad for tensor in tensors]
                 if first.clip_norm is not None:
                     _clip_per_run_(grads, first.clip_norm)
                 lr = torch.tensor([float(p.param_groups[0]["lr"]) for p in probes], dtype=torch.float64) * alive
