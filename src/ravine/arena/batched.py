@@ -731,6 +731,8 @@ class _BatchedTraining:
 
         shuffles = {seed: torch.Generator().manual_seed(seed) for seed in sorted({c.seed for c in configs})}
         alive = torch.ones(count, dtype=torch.bool)
+        live = alive.tolist()  # the same, as a list
+        groups = [probe.param_groups[0] for probe in probes]
         step_durations: list[float] = []
         optimizer_durations: list[float] = []
 
@@ -760,9 +762,11 @@ class _BatchedTraining:
                 for index_, (run, value) in enumerate(zip(self.runs, values)):
                     if run.active and not run.check(step, value):
                         stopped.append(index_)
-                alive[stopped] = False
-                if not alive.any():
-                    break
+                if stopped:
+                    alive[stopped] = False
+                    live = alive.tolist()
+                    if not any(live):
+                        break
                 if manual_step is not None:
                     computed = gradients()
                     grads = [computed[key] for key in names]
@@ -771,13 +775,12 @@ class _BatchedTraining:
                     grads = [tensor.grad for tensor in tensors]
                 if first.clip_norm is not None:
                     _clip_per_run_(grads, first.clip_norm)
-                lr = torch.tensor([float(p.param_groups[0]["lr"]) for p in probes], dtype=torch.float64) * alive
                 step_began = time.perf_counter()
                 with torch.no_grad():
                     if kernel is None or not kernel.update(
-                        grads, [probe.param_groups[0] for probe in probes], alive.tolist(),
-                        _kernel_step_count(rule, step),
+                        grads, groups, live, _kernel_step_count(rule, step),
                     ):
+                        lr = torch.tensor([float(group["lr"]) for group in groups], dtype=torch.float64) * alive
                         rule.update(tensors, grads, state, lr, step + 1)
                 ended = time.perf_counter()
                 for scheduler in schedulers:
@@ -785,7 +788,7 @@ class _BatchedTraining:
                         scheduler.step()
                 if stopped:
                     self._retire(stopped, tensors, state)
-                active = int(alive.sum())
+                active = sum(live)
                 step_durations.append((ended - began) / active)
                 optimizer_durations.append((ended - step_began) / active)
                 step += 1
@@ -799,6 +802,7 @@ class _BatchedTraining:
                 finished = self._evaluate(models, params, step)
                 if finished:
                     alive[finished] = False
+                    live = alive.tolist()
                     self._retire(finished, tensors, state)
 
         for run in self.runs:
