@@ -70,6 +70,7 @@ def _algorithms() -> dict[str, Algorithm]:
         "adamw": Algorithm(torch.optim.AdamW, ravine.AdamW, {"lr": 1e-3}, 28),
         "adamax": Algorithm(torch.optim.Adamax, ravine.Adamax, {"lr": 2e-3}, 28, ("for-loop", "foreach")),
         "nadam": Algorithm(torch.optim.NAdam, ravine.NAdam, {"lr": 2e-3}, 28, ("for-loop", "foreach")),
+        "radam": Algorithm(torch.optim.RAdam, ravine.RAdam, {"lr": 1e-3}, 28, ("for-loop", "foreach")),
         # Low-memory state (docs/memory.md) against torch's float32 state: bytes per
         # parameter are param r/w + grad + state r/w (bfloat16: 2 B, 8-bit: 1 B per
         # buffer element). Not in the default set.

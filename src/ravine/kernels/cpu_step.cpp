@@ -123,7 +123,7 @@ inline void split_at_sqrt(const Rule rule, int64_t n) {  // by value: its pointe
 }
 
 // Hyperparameters, in the order ravine.kernels.cpu passes them.
-enum Family { SGD = 0, ADAGRAD = 1, RMSPROP = 2, ADAM = 3, ADAMAX = 4, NADAM = 5 };
+enum Family { SGD = 0, ADAGRAD = 1, RMSPROP = 2, ADAM = 3, ADAMAX = 4, NADAM = 5, RADAM = 6 };
 enum Flags {
   MAXIMIZE = 1,
   NESTEROV = 2,       // SGD
@@ -398,6 +398,62 @@ void nadam(T** slots, int64_t start, int64_t n, const double* hp, const double* 
   });
 }
 
+// RAdam. hp: 1 - beta1, beta2, 1 - beta2, eps, weight_decay (L2), decay factor
+// 1 - lr wd (decoupled), lr. per-tensor: 1 - beta1^t, whether rho_t > 5 (1 or 0),
+// sqrt(1 - beta2^t), r_t. Slots: param, grad, exp_avg, exp_avg_sq.
+template <typename T, bool L2, bool Decoupled, bool Small, bool Rectified>
+struct RAdamRule {
+  T* __restrict param;
+  const T* __restrict grad;
+  T* __restrict exp_avg;
+  T* __restrict exp_avg_sq;
+  T one_minus_beta1, one_minus_beta1_minus_one, beta2, one_minus_beta2, eps, weight_decay, decay_factor, sign, lr;
+  T bias_correction1, bias_correction2_root, rectification;
+  inline T front(int64_t j, T&) const {
+    T p = param[j];
+    if (Decoupled) {
+      p = p * decay_factor;
+      param[j] = p;
+    }
+    T g = grad[j] * sign;
+    if (L2) g = fused(p, weight_decay, g);
+    exp_avg[j] = lerp(exp_avg[j], g, one_minus_beta1, one_minus_beta1_minus_one, Small);
+    T v = fused(one_minus_beta2 * g, g, exp_avg_sq[j] * beta2);
+    exp_avg_sq[j] = v;
+    return v;
+  }
+  inline void back(int64_t j, T root, T) const {
+    T update = exp_avg[j] / bias_correction1 * lr;
+    if (Rectified) {
+      T adaptive = T(1) / (root + eps) * bias_correction2_root;
+      update = update * adaptive * rectification;
+    }
+    param[j] = fused(update, T(-1), param[j]);
+  }
+};
+
+template <typename T>
+void radam(T** slots, int64_t start, int64_t n, const double* hp, const double* per, int64_t flags) {
+  const bool weight_decay = flags & HAS_WEIGHT_DECAY;
+  const bool decoupled = weight_decay && (flags & DECOUPLED);
+  const T one_minus_beta1 = static_cast<T>(hp[0]);
+  with_bool(weight_decay && !decoupled, [&](auto l2) {
+    with_bool(decoupled, [&](auto dec) {
+      with_bool(std::abs(one_minus_beta1) < T(0.5), [&](auto sm) {
+        with_bool(per[1] != 0.0, [&](auto rect) {
+          RAdamRule<T, decltype(l2)::value, decltype(dec)::value, decltype(sm)::value, decltype(rect)::value> rule{
+              slots[0] + start, slots[1] + start, slots[2] + start, slots[3] + start,
+              one_minus_beta1, one_minus_beta1 - T(1), static_cast<T>(hp[1]), static_cast<T>(hp[2]),
+              static_cast<T>(hp[3]), static_cast<T>(hp[4]), static_cast<T>(hp[5]),
+              T((flags & MAXIMIZE) ? -1 : 1), static_cast<T>(hp[6]),
+              static_cast<T>(per[0]), static_cast<T>(per[2]), static_cast<T>(per[3])};
+          split_at_sqrt<T>(rule, n);
+        });
+      });
+    });
+  });
+}
+
 template <typename T>
 void run(int64_t family, int64_t n_items, const int64_t* items, const int64_t* pointers, int64_t n_slots,
          const double* per_tensor, int64_t n_per, const double* hp, int64_t flags, int64_t threads) {
@@ -414,6 +470,7 @@ void run(int64_t family, int64_t n_items, const int64_t* items, const int64_t* p
       case ADAM: adam<T>(slots, start, length, hp, per, flags); break;
       case ADAMAX: adamax<T>(slots, start, length, hp, per, flags); break;
       case NADAM: nadam<T>(slots, start, length, hp, per, flags); break;
+      case RADAM: radam<T>(slots, start, length, hp, per, flags); break;
     }
   }
 }

@@ -166,11 +166,41 @@ def _nadam(group, steps):
     return flags, hp, per
 
 
+def _radam(group, steps):
+    from ravine.optim.radam import rectification, variance_tractability
+
+    beta1, beta2 = group["betas"]
+    if not all(_is_number(value) for value in (beta1, beta2, group["eps"], group["weight_decay"])):
+        return None
+    lr = group["lr"]
+    weight_decay = group["weight_decay"]
+    flags = MAXIMIZE * group["maximize"]
+    decay_factor = 1.0
+    if weight_decay != 0:
+        flags |= HAS_WEIGHT_DECAY
+        if group["decoupled_weight_decay"]:
+            flags |= DECOUPLED
+            decay_factor = T.scalar(1 - lr * weight_decay)
+    hp = [T.scalar(1 - beta1), beta2, T.scalar(1 - beta2), group["eps"], weight_decay, decay_factor, T.scalar(lr)]
+    # The same expressions as RAdam.update.
+    per = {}
+    for step in set(steps):
+        rectified = variance_tractability(beta2, step) > 5.0
+        per[step] = [
+            T.bias_correction(beta1, step),
+            1.0 if rectified else 0.0,
+            T.bias_correction(beta2, step) ** 0.5 if rectified else 0.0,
+            rectification(beta2, step) if rectified else 0.0,
+        ]
+    return flags, hp, per
+
+
 def _specs() -> dict[type, Spec]:
     from ravine.optim.adagrad import Adagrad
     from ravine.optim.adam import Adam, AdamW
     from ravine.optim.adamax import Adamax
     from ravine.optim.nadam import NAdam
+    from ravine.optim.radam import RAdam
     from ravine.optim.rmsprop import RMSprop
     from ravine.optim.sgd import SGD
 
@@ -182,6 +212,7 @@ def _specs() -> dict[type, Spec]:
         AdamW: Spec("adam", _adam, 2),
         Adamax: Spec("adamax", _adamax, 1),
         NAdam: Spec("nadam", _nadam, 3),
+        RAdam: Spec("radam", _radam, 4),
     }
 
 

@@ -46,7 +46,9 @@ class RAdam(RavineOptimizer):
         :math:`(\beta_1, \beta_2)`, each in [0, 1). eps: :math:`\epsilon` >= 0.
         weight_decay: :math:`\lambda` >= 0. decoupled_weight_decay: decay the weights
         directly instead of adding :math:`\lambda\theta` to the gradient. maximize:
-        ascend instead of descend.
+        ascend instead of descend. impl: (ravine only, keyword) ``"auto"``,
+        ``"plain"`` or ``"fast"``, the implementation that runs the step (see
+        :mod:`ravine.optim.base`).
     """
 
     #: Each coordinate is updated from its own gradient and state alone.
@@ -65,6 +67,7 @@ class RAdam(RavineOptimizer):
         maximize: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
+        impl: str = "auto",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -78,7 +81,7 @@ class RAdam(RavineOptimizer):
             "differentiable": differentiable,
         }
         self.check_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, impl=impl)
 
     def check_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
