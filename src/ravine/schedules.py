@@ -130,7 +130,7 @@ class _Schedule:
         self._arguments = arguments
 
     def __call__(self, step: int) -> float:
-        if isinstance(step, bool) or not isinstance(step, Real) or not step >= 0:
+        if isinstance(step, bool) or not isinstance(step, Real) or not 0 <= step < math.inf:
             raise ValueError(f"step must be >= 0 (got step={step!r})")
         return self._rule(step, **self._arguments)
 
@@ -413,16 +413,23 @@ def one_cycle(
     """
     if anneal not in ("cos", "linear"):
         raise ValueError(f"anneal must be 'cos' or 'linear' (got anneal={anneal!r})")
-    return _Schedule(
-        "one_cycle",
-        _one_cycle_rule,
+    arguments = dict(
         max_lr=_number("max_lr", max_lr, low=0, low_open=True),
         total_steps=_integer("total_steps", total_steps, low=1),
         pct_start=_number("pct_start", pct_start, low=0, high=1),
         div_factor=_number("div_factor", div_factor, low=0, low_open=True),
         final_div_factor=_number("final_div_factor", final_div_factor, low=0, low_open=True),
-        anneal=anneal,
     )
+    # Tiny divisors would make the initial or final rate infinite (and the curve NaN).
+    initial_lr = arguments["max_lr"] / arguments["div_factor"]
+    if not math.isfinite(initial_lr):
+        raise ValueError(f"div_factor must leave max_lr / div_factor finite (got div_factor={div_factor!r})")
+    if not math.isfinite(initial_lr / arguments["final_div_factor"]):
+        raise ValueError(
+            "final_div_factor must leave max_lr / div_factor / final_div_factor finite "
+            f"(got final_div_factor={final_div_factor!r})"
+        )
+    return _Schedule("one_cycle", _one_cycle_rule, **arguments, anneal=anneal)
 
 
 def _join_rule(step: float, schedules: tuple[Schedule, ...], boundaries: tuple[int, ...]) -> float:
