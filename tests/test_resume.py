@@ -96,7 +96,7 @@ def assert_identical(model_a, optimizer_a, model_b, optimizer_b) -> None:
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("interrupt_at", [1, 5])
+@pytest.mark.parametrize("interrupt_at", [5])
 def test_interrupted_run_resumes_bit_identically(name, schedule, interrupt_at, tmp_path):
     torch.manual_seed(123)
     uninterrupted = make_run(name, schedule)
