@@ -102,7 +102,8 @@ def main() -> None:
             )
         for threads in thread_counts:
             print(f"  speed-up at {threads} thread{'s' if threads > 1 else ''}: "
-                  f"{best['sequential', threads][0] / best['batched', threads][0]:5.2f}x wall")
+                  f"{best['sequential', threads][0] / best['batched', threads][0]:5.2f}x wall, "
+                  f"{best['sequential', threads][1] / best['batched', threads][1]:5.2f}x CPU")
         one = min(thread_counts, key=lambda t: best["sequential", t][0])
         many = min(thread_counts, key=lambda t: best["batched", t][0])
         print(
