@@ -10,12 +10,18 @@ import pytest
 import torch
 
 import ravine
-from optimizer_table import CASES, all_error_sets, clone_options, option_id
+from optimizer_table import CASES, all_error_sets, clone_options, option_id, shape_for
 
 
-def make_model(seed: int = 0) -> torch.nn.Module:
+def make_model(seed: int = 0, case=None) -> torch.nn.Module:
+    """A small MLP; without biases for an optimizer that takes matrices only."""
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    bias = case is None or case.takes_vectors
+    return torch.nn.Sequential(torch.nn.Linear(6, 8, bias=bias), torch.nn.ReLU(), torch.nn.Linear(8, 2, bias=bias))
+
+
+def ones(case, *shape: int) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.ones(shape_for(case, shape)))
 
 
 def train(model, optimizer, steps, start=0, seed=1):
@@ -45,10 +51,19 @@ def assert_same_snapshot(a, b):
             assert torch.equal(value, state_b["state"][index][key]), (index, key)
 
 
+# Keyword-only arguments ravine adds after torch's, with defaults that keep torch's
+# behaviour: state_dtype (docs/memory.md), impl (the implementation that runs a step).
+RAVINE_ONLY_KEYWORDS = {"state_dtype": None, "impl": "auto"}
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_signature_and_defaults_equal_torch(case):
-    ours = inspect.signature(case.ravine_cls.__init__).parameters
+    ours = dict(inspect.signature(case.ravine_cls.__init__).parameters)
     theirs = inspect.signature(case.torch_cls.__init__).parameters
+    for name, default in RAVINE_ONLY_KEYWORDS.items():
+        if name in ours and name not in theirs:
+            extra = ours.pop(name)
+            assert (extra.kind, extra.default) == (inspect.Parameter.KEYWORD_ONLY, default), name
     assert list(ours) == list(theirs)
     for name, parameter in theirs.items():
         assert ours[name].default == parameter.default, name
@@ -65,11 +80,11 @@ def test_state_dict_round_trip_continues_identically(case, direction):
     first_cls, second_cls = (
         (case.torch_cls, case.ravine_cls) if direction == "torch_to_ravine" else (case.ravine_cls, case.torch_cls)
     )
-    reference = make_model()
+    reference = make_model(case=case)
     reference_opt = first_cls(reference.parameters(), **clone_options(options))
     train(reference, reference_opt, 20)
 
-    model = make_model()
+    model = make_model(case=case)
     first = first_cls(model.parameters(), **clone_options(options))
     train(model, first, 10)
     saved = copy.deepcopy(first.state_dict())
@@ -84,7 +99,7 @@ def test_state_dict_round_trip_continues_identically(case, direction):
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_state_dict_format_equals_torch(case):
     options = clone_options(case.options[-2])
-    models = [make_model(), make_model()]
+    models = [make_model(case=case), make_model(case=case)]
     optimizers = [case.torch_cls(models[0].parameters(), **clone_options(options)), case.ravine_cls(models[1].parameters(), **clone_options(options))]
     # Before any step (Adagrad fills its state at construction) and after three.
     for steps in (0, 3):
@@ -107,7 +122,7 @@ def test_state_dict_format_equals_torch(case):
 )
 def test_invalid_hyperparameter_raises_value_error_naming_it(case, kwargs, argument):
     with pytest.raises(ValueError) as error:
-        case.ravine_cls(make_model().parameters(), **kwargs)
+        case.ravine_cls(make_model(case=case).parameters(), **kwargs)
     message = str(error.value)
     assert argument in message
     # The message states what is allowed, not only what was wrong.
@@ -118,7 +133,7 @@ def test_invalid_hyperparameter_raises_value_error_naming_it(case, kwargs, argum
 def test_step_that_raises_changes_nothing(case):
     """A bad hyperparameter in the *second* param group (set between steps, as a
     buggy schedule might) makes step() raise before the first group is written."""
-    model = make_model()
+    model = make_model(case=case)
     groups = [{"params": model[0].parameters()}, {"params": model[2].parameters()}]
     optimizer = case.ravine_cls(groups, **clone_options(case.options[1]))
     train(model, optimizer, 3)
@@ -145,7 +160,7 @@ def test_step_that_raises_changes_nothing(case):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_nonfinite_norm_with_error_if_nonfinite_changes_nothing(case):
-    model = make_model()
+    model = make_model(case=case)
     optimizer = case.ravine_cls(model.parameters(), **clone_options(case.options[1]))
     optimizer.gradient_transforms.append(ravine.ClipByGlobalNorm(1.0, error_if_nonfinite=True))
     train(model, optimizer, 2)
@@ -163,7 +178,7 @@ def test_nonfinite_norm_with_error_if_nonfinite_changes_nothing(case):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_add_param_group_zero_grad_and_hooks(case):
-    model = make_model()
+    model = make_model(case=case)
     first, second = model[0], model[2]
     optimizer = case.ravine_cls(first.parameters(), **clone_options(case.options[1]))
     optimizer.add_param_group({"params": second.parameters(), "lr": 0.001})
@@ -172,7 +187,7 @@ def test_add_param_group_zero_grad_and_hooks(case):
     # Defaults fill the rest of the new group.
     assert optimizer.param_groups[1].keys() == optimizer.param_groups[0].keys()
     with pytest.raises(ValueError, match="lr"):
-        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "lr": -0.1})
+        optimizer.add_param_group({"params": [ones(case, 2)], "lr": -0.1})
     assert len(optimizer.param_groups) == 2
 
     calls = []
@@ -188,21 +203,19 @@ def test_add_param_group_zero_grad_and_hooks(case):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_params_without_grads_and_empty_tensors_are_fine(case):
-    used = torch.nn.Parameter(torch.ones(3))
-    unused = torch.nn.Parameter(torch.ones(4))
-    empty = torch.nn.Parameter(torch.ones(0, 5))
+    used, unused, empty = ones(case, 3), ones(case, 4), ones(case, 0, 5)
     optimizer = case.ravine_cls([used, unused, empty], **clone_options(case.options[1]))
-    used.grad = torch.full((3,), 0.5)
+    used.grad = torch.full_like(used, 0.5)
     empty.grad = torch.ones(0, 5)
     optimizer.step()
-    assert torch.equal(unused.detach(), torch.ones(4))
-    assert not torch.equal(used.detach(), torch.ones(3))
+    assert torch.equal(unused.detach(), torch.ones_like(unused))
+    assert not torch.equal(used.detach(), torch.ones_like(used))
     assert torch.isfinite(used).all()
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_torch_schedulers_drive_ravine_optimizers(case):
-    model = make_model()
+    model = make_model(case=case)
     optimizer = case.ravine_cls(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
     lrs = []
@@ -218,7 +231,7 @@ def test_grad_scaler_unscales_before_the_step(case):
     """AMP's GradScaler (enabled where the device supports it) calls step() after
     unscaling; the result equals a plain step on the true gradients."""
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    models = [make_model(), make_model()]
+    models = [make_model(case=case), make_model(case=case)]
     optimizers = [case.ravine_cls(m.parameters(), **clone_options(case.options[1])) for m in models]
     x, y = torch.randn(8, 6), torch.randn(8, 2)
     for _ in range(3):
@@ -243,8 +256,8 @@ def test_parameter_storage_swapped_between_steps(case):
     """``p.data = ...`` between steps (as pruning or dtype moves do) is honoured: the
     optimizer updates the new storage, as torch.optim does."""
     big = 300_000  # large enough to be cut into slices
-    ours = [torch.nn.Parameter(torch.ones(big)), torch.nn.Parameter(torch.ones(3))]
-    theirs = [torch.nn.Parameter(torch.ones(big)), torch.nn.Parameter(torch.ones(3))]
+    ours = [ones(case, big), ones(case, 3)]
+    theirs = [ones(case, big), ones(case, 3)]
     optimizers = [case.ravine_cls(ours, lr=0.1), case.torch_cls(theirs, lr=0.1)]
     for step in range(3):
         for params, optimizer in zip((ours, theirs), optimizers):
@@ -256,4 +269,4 @@ def test_parameter_storage_swapped_between_steps(case):
             optimizer.step()
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=0.0)
-    assert float(ours[0][0]) != 1.0
+    assert float(ours[0].flatten()[0]) != 1.0

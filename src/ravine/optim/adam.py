@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ravine import transforms as T
 from ravine.optim.base import RavineOptimizer, check_range, scalar
+from ravine.optim.lowmem import check_real_params, resolve_state_dtype, restore_state_dtypes, run_in_working_precision
 
 __all__ = ["Adam", "AdamW"]
 
@@ -40,7 +41,12 @@ class Adam(RavineOptimizer):
         weight_decay: :math:`\lambda` >= 0. amsgrad: use the running maximum of
         :math:`v_t`. maximize: ascend instead of descend. decoupled_weight_decay:
         decay the weights directly (AdamW) instead of adding :math:`\lambda\theta`
-        to the gradient.
+        to the gradient. state_dtype (ravine only, keyword): the dtype the moment
+        buffers are stored in (``None``: the parameter's; ``torch.bfloat16`` halves
+        a float32 model's state); the update runs in float32 and rounds the buffers
+        back to nearest (see :mod:`ravine.optim.lowmem`). impl (ravine only,
+        keyword): ``"auto"``, ``"plain"`` or ``"fast"``, the implementation that
+        runs the step (see :mod:`ravine.optim.base`).
     """
 
     #: Each coordinate is updated from its own gradient and state alone.
@@ -61,6 +67,8 @@ class Adam(RavineOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        state_dtype: torch.dtype | str | None = None,
+        impl: str = "auto",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -75,9 +83,13 @@ class Adam(RavineOptimizer):
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
         }
+        # Only a state dtype that is set enters the param groups, so the default
+        # state_dict is torch.optim.Adam's.
+        if state_dtype is not None:
+            defaults["state_dtype"] = resolve_state_dtype(state_dtype)
         self.check_group(defaults)
         defaults["betas"] = tuple(_squeeze(beta) for beta in betas)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, impl=impl)
 
     def check_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
@@ -88,18 +100,33 @@ class Adam(RavineOptimizer):
         check_range("betas[1]", betas[1], 0.0, 1.0, high_open=True)
         check_range("eps", group["eps"], 0.0)
         check_range("weight_decay", group["weight_decay"], 0.0)
+        if group.get("state_dtype") is not None:
+            resolve_state_dtype(group["state_dtype"])
+            check_real_params(group, "state_dtype")
 
     def init_state(self, group, param, state) -> None:
+        dtype = resolve_state_dtype(group.get("state_dtype"))
         state["step"] = self._new_step_tensor(group, param)
-        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
         if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["max_exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        restore_state_dtypes(self, state_dict, _moment_dtype)
 
     def state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
 
     def update(self, group, params, grads, states, steps) -> None:
+        if group.get("state_dtype") is not None:
+            run_in_working_precision(self.update_rule, group, params, grads, states, steps)
+        else:
+            self.update_rule(group, params, grads, states, steps)
+
+    def update_rule(self, group, params, grads, states, steps) -> None:
+        """The update on tensors that share a dtype (see :meth:`update`)."""
         # A tensor lr is combined with other factors in tensor arithmetic, as
         # torch.optim does, so both give the same numbers.
         lr = group["lr"]
@@ -160,6 +187,8 @@ class AdamW(Adam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        impl: str = "auto",
     ) -> None:
         super().__init__(
             params,
@@ -174,12 +203,21 @@ class AdamW(Adam):
             differentiable=differentiable,
             fused=fused,
             decoupled_weight_decay=True,
+            state_dtype=state_dtype,
+            impl=impl,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             group["decoupled_weight_decay"] = True
+
+
+_MOMENT_NAMES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _moment_dtype(group: dict[str, Any], name: str, saved: dict[str, Any]) -> torch.dtype | None:
+    return resolve_state_dtype(group.get("state_dtype")) if name in _MOMENT_NAMES else None
 
 
 def _squeeze(value: float | Tensor) -> float | Tensor:

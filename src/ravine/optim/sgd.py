@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ravine import transforms as T
 from ravine.optim.base import RavineOptimizer, check_range, scalar
+from ravine.optim.lowmem import check_real_params, resolve_state_dtype, restore_state_dtypes, run_in_working_precision
 
 __all__ = ["SGD"]
 
@@ -40,6 +41,12 @@ class SGD(RavineOptimizer):
         weight_decay: L2 coefficient :math:`\lambda`, >= 0.
         nesterov: use Nesterov momentum (needs momentum > 0 and dampening = 0).
         maximize: ascend the objective instead of descending it.
+        impl: (ravine only, keyword) ``"auto"``, ``"plain"`` or ``"fast"``, the
+            implementation that runs the step (see :mod:`ravine.optim.base`).
+        state_dtype: (ravine only, keyword) the dtype the momentum buffer is stored
+            in (``None``: the parameter's); the update runs in float32 and rounds
+            the buffer back to nearest (see :mod:`ravine.optim.lowmem`). Dense
+            gradients only.
     """
 
     real_view_for_complex = False
@@ -61,6 +68,8 @@ class SGD(RavineOptimizer):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        impl: str = "auto",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -73,8 +82,12 @@ class SGD(RavineOptimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
+        # Only a state dtype that is set enters the param groups, so the default
+        # state_dict is torch.optim.SGD's.
+        if state_dtype is not None:
+            defaults["state_dtype"] = resolve_state_dtype(state_dtype)
         self.check_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, impl=impl)
 
     def check_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
@@ -86,6 +99,9 @@ class SGD(RavineOptimizer):
                 "nesterov=True requires momentum > 0 and dampening = 0 "
                 f"(got momentum={group['momentum']}, dampening={group['dampening']})"
             )
+        if group.get("state_dtype") is not None:
+            resolve_state_dtype(group["state_dtype"])
+            check_real_params(group, "state_dtype")
 
     def state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
@@ -105,13 +121,22 @@ class SGD(RavineOptimizer):
         counts = []
         for p, state in dense:
             if state.get("momentum_buffer") is None:
-                state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                state["momentum_buffer"] = torch.empty_like(
+                    p, dtype=resolve_state_dtype(group.get("state_dtype")), memory_format=torch.preserve_format
+                )
                 counts.append(0.0)
             else:
                 counts.append(1.0)
         return counts
 
     def update(self, group, params, grads, states, steps) -> None:
+        if group.get("state_dtype") is not None:
+            run_in_working_precision(self.update_rule, group, params, grads, states, steps)
+        else:
+            self.update_rule(group, params, grads, states, steps)
+
+    def update_rule(self, group, params, grads, states, steps) -> None:
+        """The update on tensors that share a dtype (see :meth:`update`)."""
         lr = scalar(group["lr"])
         momentum = group["momentum"]
         weight_decay = scalar(group["weight_decay"])
@@ -140,6 +165,18 @@ class SGD(RavineOptimizer):
             else:
                 grads = T.nesterov_direction(grads, buffers, momentum)
         T.add_(params, grads, -lr)
+
+    def check_sparse_grad(self, group: dict[str, Any], param: Tensor) -> None:
+        if group.get("state_dtype") is not None:
+            raise RuntimeError("SGD with a state_dtype takes dense gradients only; use state_dtype=None for sparse ones")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        restore_state_dtypes(
+            self,
+            state_dict,
+            lambda group, name, saved: resolve_state_dtype(group.get("state_dtype")) if name == "momentum_buffer" else None,
+        )
 
     def sparse_update(self, group, param, grad, state) -> None:
         # The same operations on one sparse gradient; the momentum buffer is sparse too.
