@@ -349,8 +349,8 @@ def test_two_worker_processes_share_the_sweep(tmp_path):
 def test_sweep_config_rejects_unknown_names(tmp_path):
     with pytest.raises(ValueError, match="valid tasks"):
         tiny(tmp_path, task="nope")
-    with pytest.raises(ValueError, match="unknown optimizer 'lion'; valid names: sgd"):
-        tiny(tmp_path, optimizers=("lion",))
+    with pytest.raises(ValueError, match="unknown optimizer 'eve'; valid names: sgd"):
+        tiny(tmp_path, optimizers=("eve",))
     with pytest.raises(ValueError, match="budget must be one of small, medium, full"):
         tiny(tmp_path, budget="huge")
 
@@ -413,9 +413,9 @@ def test_cli_unknown_task_lists_valid_tasks():
 
 
 def test_cli_unknown_optimizer_lists_valid_names():
-    result = runner.invoke(app, ["compare", "--optimizers", "sgd,lion"])
+    result = runner.invoke(app, ["compare", "--optimizers", "sgd,eve"])
     assert result.exit_code == 2
-    assert "unknown optimizer 'lion'" in result.output and "adamw" in result.output
+    assert "unknown optimizer 'eve'" in result.output and "adamw" in result.output
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,8 @@ from ravine import schedules
 from ravine.advise import advise, lr_range_test
 from ravine.clip import ClipByGlobalNorm, ClipByValue, clip_grad_norm_, clip_grad_value_
 from ravine.optim import SGD, Adagrad, Adam, AdamW, RavineOptimizer, RMSprop
+from ravine.optim import Lamb, Lion, ScheduleFreeAdamW, ScheduleFreeSGD, Signum
+from ravine.optim import NAdam, RAdam, Adamax, Adafactor, Muon, MuonWithAdamW, muon_with_adamw
 from ravine.registry import available, create, describe, parse_spec, register
 from ravine.schedules import ReduceOnPlateau, ScheduledLR
 
@@ -20,6 +22,18 @@ __all__ = [
     "RMSprop",
     "Adam",
     "AdamW",
+    "Lion",
+    "Lamb",
+    "Signum",
+    "ScheduleFreeAdamW",
+    "ScheduleFreeSGD",
+    "NAdam",
+    "RAdam",
+    "Adamax",
+    "Adafactor",
+    "Muon",
+    "MuonWithAdamW",
+    "muon_with_adamw",
     "RavineOptimizer",
     "clip_grad_value_",
     "clip_grad_norm_",

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from ravine import registry
+from ravine.optim.schedulefree import evaluation_mode
 from ravine.registry import split_specs
 
 __all__ = [
@@ -67,8 +68,8 @@ FAMILY_DESCRIPTION = {
     "adaptive": "other adaptive methods",
     "sgd": "plain SGD",
 }
-_ADAM_NAMES = {"adam", "adamw", "amsgrad"}
-_SGD_NAMES = {"sgd", "momentum", "nesterov"}
+_ADAM_NAMES = {"adam", "adamw", "amsgrad", "nadam", "radam", "adamax", "adam-bf16", "adamw-bf16", "adam-8bit", "adamw-8bit"}
+_SGD_NAMES = {"sgd", "momentum", "nesterov", "momentum-bf16", "momentum-8bit"}
 
 
 # --------------------------------------------------------------------------------------
@@ -708,8 +709,12 @@ def _range_test(
             group["lr"] = lr
         inputs, targets = next_batch()
         optimizer.zero_grad(set_to_none=True)
+        with evaluation_mode(optimizer) as switched, torch.no_grad():
+            # Schedule-free optimizers: the loss recorded is the averaged point x's, the
+            # gradient below is taken at y, where they train.
+            recorded = float(_loss(model, loss_fn, inputs, targets)) if switched else None
         loss = _loss(model, loss_fn, inputs, targets)
-        value = float(loss.detach())
+        value = float(loss.detach()) if recorded is None else recorded
         average = smoothing * average + (1 - smoothing) * value
         smooth = average / (1 - smoothing ** (step + 1))
         lrs.append(lr)

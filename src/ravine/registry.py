@@ -241,3 +241,51 @@ def _ensure_builtins() -> None:
     register("adam", optim.Adam, summary="momentum + RMS scaling + bias correction")
     register("amsgrad", optim.Adam, {"amsgrad": True}, "Adam with the running maximum of the second moment")
     register("adamw", optim.AdamW, summary="Adam with decoupled weight decay")
+    _register_low_memory()
+    register("lion", optim.Lion, summary="sign of an interpolated momentum, decoupled weight decay")
+    register("lamb", optim.Lamb, summary="Adam's direction scaled per tensor by the trust ratio |w| / |update|")
+    register("signum", optim.Signum, summary="sign of the momentum")
+    register("signsgd", optim.Signum, {"momentum": 0.0}, "sign of the gradient (Signum with momentum 0)")
+    register(
+        "sfadamw",
+        optim.ScheduleFreeAdamW,
+        summary="schedule-free AdamW: no lr schedule, evaluates a running average",
+        aliases=["schedulefree-adamw"],
+    )
+    register(
+        "sfsgd",
+        optim.ScheduleFreeSGD,
+        summary="schedule-free SGD: no lr schedule, evaluates a running average",
+        aliases=["schedulefree-sgd"],
+    )
+    register("nadam", optim.NAdam, summary="Adam with Nesterov momentum")
+    register("radam", optim.RAdam, summary="Adam that switches on its adaptive step once the variance estimate is reliable")
+    register("adamax", optim.Adamax, summary="Adam with an infinity-norm second moment")
+    register("adafactor", optim.Adafactor, summary="factored second moment, relative step sizes, no momentum")
+    register(
+        "muon",
+        optim.MuonWithAdamW,
+        {"adjust_lr_fn": "match_rms_adamw"},
+        "orthogonalised momentum for matrices, AdamW for the other parameters, one lr for both",
+    )
+
+
+def _register_low_memory() -> None:
+    """Variants that keep their state in less memory (docs/memory.md)."""
+    from ravine import optim
+    from ravine.optim import quantized
+
+    bf16 = {"state_dtype": "bfloat16"}
+    register("adam-bf16", optim.Adam, bf16, "Adam with moments stored in bfloat16")
+    register("adamw-bf16", optim.AdamW, bf16, "AdamW with moments stored in bfloat16")
+    register("momentum-bf16", optim.SGD, {"momentum": 0.9, **bf16}, "SGD momentum 0.9, buffer stored in bfloat16")
+    register("adam-8bit", quantized.Adam8bit, summary="Adam with block-wise 8-bit quantized moments")
+    register("adamw-8bit", quantized.AdamW8bit, summary="AdamW with block-wise 8-bit quantized moments")
+    register(
+        "momentum-8bit",
+        quantized.SGD8bit,
+        {"momentum": 0.9},
+        "SGD momentum 0.9, buffer block-wise quantized to 8 bits",
+        aliases=["sgd-momentum-8bit"],
+    )
+    register("lion-8bit", quantized.Lion8bit, summary="Lion with a block-wise 8-bit quantized momentum")

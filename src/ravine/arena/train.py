@@ -26,6 +26,7 @@ import torch
 
 from ravine import registry
 from ravine.clip import clip_grad_norm_
+from ravine.optim.schedulefree import evaluation_mode
 from ravine.arena.tasks import Task, get_task
 
 __all__ = [
@@ -172,13 +173,20 @@ def evaluate(task: Task, model: torch.nn.Module, split: str = "test") -> tuple[f
 ProgressCallback = Callable[[int, int, float], None]
 """Called as ``callback(step, total_steps, loss)`` after each step."""
 
+EvaluationCallback = Callable[[int, float, float], None]
+"""Called as ``callback(step, test_loss, test_metric)`` after each held-out evaluation."""
+
 
 def train(
     task: Task | str,
     config: TrainConfig,
     progress: ProgressCallback | None = None,
+    evaluation: EvaluationCallback | None = None,
 ) -> RunResult:
     """Train ``task``'s model from seed ``config.seed`` and return what was measured.
+
+    ``progress`` is called after every step and ``evaluation`` after every held-out
+    evaluation (step 0, each epoch's end, the last step); either may raise to end the run.
 
     Timing: ``time_per_step_s`` is the median wall time of forward + backward + clipping +
     optimizer step + schedule (evaluation excluded; the median shrugs off the odd step
@@ -222,10 +230,13 @@ def train(
     optimizer_durations: list[float] = []
 
     def record_evaluation(step: int) -> bool:
-        loss, metric = evaluate(task, model)
+        with evaluation_mode(optimizer):  # schedule-free optimizers: evaluate the average x
+            loss, metric = evaluate(task, model)
         eval_steps.append(step)
         test_losses.append(loss)
         test_metrics.append(metric)
+        if evaluation is not None:
+            evaluation(step, loss, metric)
         return math.isfinite(loss)
 
     record_evaluation(0)

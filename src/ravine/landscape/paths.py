@@ -52,7 +52,8 @@ CSV_COLUMNS = ("optimizer", "lr", "step", "x", "y", "loss")
 
 # Registry names whose update is elementwise by definition (they mirror torch.optim).
 _ELEMENTWISE_NAMES = frozenset(
-    {"sgd", "momentum", "nesterov", "adagrad", "rmsprop", "rmsprop-centered", "adam", "amsgrad", "adamw"}
+    {"sgd", "momentum", "nesterov", "adagrad", "rmsprop", "rmsprop-centered", "adam", "amsgrad", "adamw",
+     "adam-bf16", "adamw-bf16", "momentum-bf16"}
 )
 # torch.optim classes whose step treats every coordinate on its own (exact classes:
 # a subclass may override step with something that mixes coordinates).
@@ -418,6 +419,12 @@ def _from_class(
     cls: type, arguments: dict[str, Any], lr: float | None, label: str, elementwise: bool
 ) -> OptimizerChoice:
     lr = _check_lr(lr)
+    if getattr(cls, "needs_matrices", False):
+        raise ValueError(
+            f"optimizer {label!r} acts on matrices (2-D parameters), and a landscape path is a point "
+            "(x, y), a vector: it has no matrix to act on (muon would hand the point to its AdamW "
+            "fallback and draw AdamW's path); compare it on a model with 'ravine compare' instead"
+        )
 
     def factory(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         # Groups carry their own lr; the constructor's is only a fallback.
