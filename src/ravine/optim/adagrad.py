@@ -2,6 +2,8 @@ r"""Adagrad: per-parameter step sizes from the running sum of squared gradients.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
@@ -31,7 +33,7 @@ class Adagrad(RavineOptimizer):
     supported, as in torch (without weight decay).
 
     Args:
-        lr: :math:`\eta` >= 0. lr_decay: :math:`\delta` >= 0. weight_decay: L2
+        lr: :math:`\eta` >= 0. lr_decay: :math:`\delta` >= 0, finite. weight_decay: L2
         :math:`\lambda` >= 0. initial_accumulator_value: :math:`s_0` >= 0.
         eps: :math:`\epsilon` >= 0. maximize: ascend instead of descend.
         impl: (ravine only, keyword) ``"auto"``, ``"plain"`` or ``"fast"``, the
@@ -79,7 +81,7 @@ class Adagrad(RavineOptimizer):
 
     def check_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
-        check_range("lr_decay", group["lr_decay"], 0.0)
+        check_range("lr_decay", group["lr_decay"], 0.0, math.inf, high_open=True)
         check_range("weight_decay", group["weight_decay"], 0.0)
         check_range("initial_accumulator_value", group["initial_accumulator_value"], 0.0)
         check_range("eps", group["eps"], 0.0)
@@ -103,7 +105,7 @@ class Adagrad(RavineOptimizer):
         sums = [state["sum"] for state in states]
         T.accumulate_squares_(sums, grads)
         roots = T.root_of_(sums, group["eps"])
-        T.add_quotient_(params, grads, roots, [-lr / (1 + (step - 1) * group["lr_decay"]) for step in steps])
+        T.add_quotient_(params, grads, roots, [-lr / (1 + (step - 1) * scalar(group["lr_decay"])) for step in steps])
 
     def check_sparse_grad(self, group, param) -> None:
         if group["weight_decay"] != 0:
@@ -115,7 +117,7 @@ class Adagrad(RavineOptimizer):
         step = float(state["step"])
         if group["maximize"]:
             grad = -grad
-        clr = scalar(group["lr"]) / (1 + (step - 1) * group["lr_decay"])
+        clr = scalar(group["lr"]) / (1 + (step - 1) * scalar(group["lr_decay"]))
         grad = grad.coalesce()  # the update is non-linear, so indices must be unique
         indices, values = grad._indices(), grad._values()
         state["sum"].add_(torch.sparse_coo_tensor(indices, values.pow(2), grad.size()))
