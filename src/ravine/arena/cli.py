@@ -133,6 +133,10 @@ def compare_command(
         help="Runs at once, each in its own worker process (default: 2, or 1 on a one-core machine).",
     ),
     threads: int = typer.Option(1, "--threads", help="torch threads per run."),
+    batch: bool = typer.Option(
+        True, "--batch/--no-batch",
+        help="Train each lr grid and each set of seeds together where task and optimizer allow.",
+    ),
     target_loss: float = typer.Option(None, "--target-loss", help="Train loss for 'steps to target' (default: median optimizer's final loss)."),
     tasks_from: Path = typer.Option(None, "--tasks-from", help="Python file that calls register_task(...) for your own tasks."),
     list_only: bool = typer.Option(False, "--list", help="List tasks and optimizers, then exit."),
@@ -172,7 +176,7 @@ def compare_command(
             task=task, optimizers=tuple(specs), budget=budget, seeds=seeds, grid_points=grid_points,
             trials=trials, epochs=epochs, steps=steps, batch_size=batch_size, schedule=schedule,
             clip_norm=clip, mode=mode, out=out or Path("ravine-out") / get_task(task).name,
-            storage=storage, jobs=jobs or min(2, os.cpu_count() or 1), threads=threads,
+            storage=storage, jobs=jobs or min(2, os.cpu_count() or 1), threads=threads, batch=batch,
             task_files=(tasks_from.resolve(),) if tasks_from is not None else (),
         )
     except ValueError as error:

@@ -40,6 +40,7 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from ravine import registry
+from ravine.arena.batched import can_batch, train_batched
 from ravine.arena.tasks import BUDGET_NAMES, available_tasks, get_task
 from ravine.arena.train import SCHEDULES, TrainConfig, format_spec, train
 
@@ -62,6 +63,7 @@ __all__ = [
 SEED_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
 MODES = ("both", "tuned", "defaults")
 HEARTBEAT_INTERVAL_S = 20.0
+MAX_BATCH = 16  # runs trained together at most (see ravine.arena.batched)
 STALE_AFTER_S = 180.0
 _POLL_S = 2.0
 
@@ -97,6 +99,14 @@ LR_RANGES: dict[str, tuple[float, float]] = {
     "adam": (1e-4, 1e-1),
     "amsgrad": (1e-4, 1e-1),
     "adamw": (1e-4, 1e-1),
+    # Sign-based steps move each coordinate by lr, as Adam's do; Lion's paper runs it
+    # at 3-10x below AdamW's lr. Schedule-free SGD's default lr is 1.0.
+    "lion": (1e-5, 1e-2),
+    "signum": (1e-4, 1e-1),
+    "signsgd": (1e-4, 1e-1),
+    "lamb": (1e-4, 1e-1),
+    "sfadamw": (1e-4, 1e-1),
+    "sfsgd": (1e-2, 10.0),
 }
 FALLBACK_LR_RANGE = (1e-4, 1e-1)
 
@@ -116,6 +126,18 @@ DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
     "amsgrad": {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.01},
     "adamw": {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.01},
 }
+
+# Low-memory variants (docs/memory.md) search and default like the optimizer whose
+# state they store, so a comparison changes the storage alone.
+LOW_MEMORY_VARIANTS = {
+    "adam-bf16": "adam", "adamw-bf16": "adamw", "momentum-bf16": "momentum",
+    "adam-8bit": "adam", "adamw-8bit": "adamw", "momentum-8bit": "momentum", "lion-8bit": "lion",
+}
+for _variant, _base in LOW_MEMORY_VARIANTS.items():
+    if _base in LR_RANGES:
+        LR_RANGES[_variant] = LR_RANGES[_base]
+    if _base in DEFAULT_SETTINGS:
+        DEFAULT_SETTINGS[_variant] = DEFAULT_SETTINGS[_base]
 
 
 def default_spec(spec: str) -> str:
@@ -147,7 +169,10 @@ class SweepConfig:
     ``None`` means SQLite at ``<out>/study.db``. ``jobs`` runs that many trainings at once
     in worker processes, each with ``threads`` torch threads; ``task_files`` are Python
     files that register tasks, run again in worker processes that start without a copy
-    of this one (where ``fork`` is unavailable).
+    of this one (where ``fork`` is unavailable). ``batch`` trains the runs of one grid
+    or one set of seeds together (:mod:`ravine.arena.batched`) where the task and the
+    optimizer allow it, up to :data:`MAX_BATCH` at once; the results are those of the
+    runs one after another, within floating-point rounding.
     """
 
     task: str = "mnist1d-mlp"
@@ -169,6 +194,7 @@ class SweepConfig:
     divergence_factor: float = 100.0
     divergence_patience: int = 10
     task_files: tuple[Path, ...] = ()
+    batch: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", get_task(self.task).name)  # ValueError lists tasks
@@ -197,6 +223,8 @@ class SweepConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
             raise ValueError(f"clip_norm must be a finite number > 0 or None, got {self.clip_norm!r}")
+        if not isinstance(self.batch, bool):
+            raise ValueError(f"batch must be True or False, got {self.batch!r}")
 
     @property
     def seed_count(self) -> int:
@@ -608,15 +636,24 @@ def _init_worker(queue: Any, threads: int, task: str, task_files: tuple[str, ...
 
 
 def _execute(
-    task: str, config: TrainConfig, key: int, report: Callable[[int, int, float], None] | None = None
-) -> dict[str, Any]:
+    task: str,
+    configs: list[TrainConfig],
+    keys: list[int],
+    report: Callable[[int, int, int, float], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``configs`` (one run, or several batched) and return their rows."""
     if report is None and _WORKER_PROGRESS is not None:
         queue = _WORKER_PROGRESS
-        def report(step: int, total: int, loss: float) -> None:
+
+        def report(key: int, step: int, total: int, loss: float) -> None:
             if step % 10 == 0 or step == total:
                 queue.put((key, step, loss))
 
-    return train(task, config, progress=report).to_dict()
+    if len(configs) == 1:
+        one = None if report is None else lambda step, total, loss: report(keys[0], step, total, loss)
+        return [train(task, configs[0], progress=one).to_dict()]
+    many = None if report is None else lambda run, step, total, loss: report(keys[run], step, total, loss)
+    return [result.to_dict() for result in train_batched(task, configs, progress=many)]
 
 
 class _InlineExecutor:
@@ -664,7 +701,11 @@ def run_sweep(config: SweepConfig, progress: SweepProgress | None = None) -> Swe
         torch.set_num_threads(config.threads)
         executor = _InlineExecutor()
 
-    inflight: dict[concurrent.futures.Future, tuple[_StudyWork, optuna.Trial, int]] = {}
+    inflight: dict[concurrent.futures.Future, list[tuple[_StudyWork, optuna.Trial, int]]] = {}
+    batchable = {
+        spec: config.batch and can_batch(task, spec)
+        for plan in plans for spec in (plan.spec, plan.defaults_spec)
+    }
     executed = 0
     next_key = 0
     last_beat = time.monotonic()
@@ -676,10 +717,19 @@ def run_sweep(config: SweepConfig, progress: SweepProgress | None = None) -> Swe
                     if claimed is None:
                         break
                     unit, trial = claimed
-                    key, next_key = next_key, next_key + 1
-                    inflight[_submit(executor, config, task.data.num_train, unit, trial, key, progress)] = (
-                        unit, trial, key,
-                    )
+                    claims = [trial]
+                    # A grid or a set of seeds: claim the unit's other runs to train together.
+                    if unit.wanted is not None and batchable[unit.spec]:
+                        while len(claims) < MAX_BATCH:
+                            more = unit.next_trial()
+                            if more is None:
+                                break
+                            claims.append(more)
+                    batch = []
+                    for claim in claims:
+                        batch.append((unit, claim, next_key))
+                        next_key += 1
+                    inflight[_submit(executor, config, task.data.num_train, batch, progress)] = batch
             if not inflight:
                 if all(plan.done() for plan in plans):
                     break
@@ -691,28 +741,32 @@ def run_sweep(config: SweepConfig, progress: SweepProgress | None = None) -> Swe
             )
             _drain(queue, progress)
             for future in done:
-                unit, trial, key = inflight.pop(future)
-                unit.release(trial)
+                batch = inflight.pop(future)
+                for unit, trial, _ in batch:
+                    unit.release(trial)
                 error = future.exception()
                 if error is not None:
-                    _give_back(unit, trial)
+                    for unit, trial, _ in batch:
+                        _give_back(unit, trial)
                     raise error
-                row = future.result()
-                value = row["final_train_loss"] if row["status"] == "ok" else math.inf
-                try:
-                    trial.set_user_attr("run", row)
-                    unit.study.tell(trial, value if math.isfinite(value) else math.inf)
-                except optuna.exceptions.UpdateFinishedTrialError:
-                    pass  # another worker took the same queued trial and finished it first
-                executed += 1
-                progress.run_finished(key, _row(row, unit, trial))
+                for (unit, trial, key), row in zip(batch, future.result(), strict=True):
+                    value = row["final_train_loss"] if row["status"] == "ok" else math.inf
+                    try:
+                        trial.set_user_attr("run", row)
+                        unit.study.tell(trial, value if math.isfinite(value) else math.inf)
+                    except optuna.exceptions.UpdateFinishedTrialError:
+                        pass  # another worker took the same queued trial and finished it first
+                    executed += 1
+                    progress.run_finished(key, _row(row, unit, trial))
             if time.monotonic() - last_beat > HEARTBEAT_INTERVAL_S:
                 last_beat = time.monotonic()
-                for unit, trial, _ in inflight.values():
-                    _beat(trial)
+                for batch in inflight.values():
+                    for _, trial, _ in batch:
+                        _beat(trial)
     except BaseException:
-        for unit, trial, _ in inflight.values():
-            _give_back(unit, trial)
+        for batch in inflight.values():
+            for unit, trial, _ in batch:
+                _give_back(unit, trial)
         executor.shutdown(wait=False, cancel_futures=True)
         raise
     finally:
@@ -726,34 +780,40 @@ def _submit(
     executor: Any,
     config: SweepConfig,
     num_train: int,
-    unit: _StudyWork,
-    trial: optuna.Trial,
-    key: int,
+    batch: list[tuple[_StudyWork, optuna.Trial, int]],
     progress: SweepProgress,
 ) -> concurrent.futures.Future:
+    """Start the runs of ``batch`` (trials of one unit when more than one): in a worker
+    process, or in this one."""
     try:
-        _beat(trial)
-        lr = trial.params.get("lr") if unit.phase != "default" else None
-        train_config = config.train_config(unit.spec, lr, int(trial.params.get("seed", 0)))
-        total = train_config.steps or train_config.epochs * math.ceil(num_train / train_config.batch_size)
-        progress.run_started(key, _describe(unit, trial), total)
+        configs = []
+        for unit, trial, key in batch:
+            _beat(trial)
+            lr = trial.params.get("lr") if unit.phase != "default" else None
+            train_config = config.train_config(unit.spec, lr, int(trial.params.get("seed", 0)))
+            total = train_config.steps or train_config.epochs * math.ceil(num_train / train_config.batch_size)
+            progress.run_started(key, _describe(unit, trial), total)
+            configs.append(train_config)
+        keys = [key for _, _, key in batch]
         if config.jobs > 1:
-            return executor.submit(_execute, config.task, train_config, key)
+            return executor.submit(_execute, config.task, configs, keys)
         last_beat = time.monotonic()
 
-        def advance(step: int, total: int, loss: float) -> None:
+        def advance(key: int, step: int, total: int, loss: float) -> None:
             nonlocal last_beat
             if step % 10 == 0 or step == total:
                 progress.run_advanced(key, step, loss)
             if time.monotonic() - last_beat > HEARTBEAT_INTERVAL_S:
                 last_beat = time.monotonic()  # a long in-process run must not look stale
-                _beat(trial)
+                for _, trial, _ in batch:
+                    _beat(trial)
 
-        return executor.submit(_execute, config.task, train_config, key, advance)
+        return executor.submit(_execute, config.task, configs, keys, advance)
     except BaseException:
-        # Ctrl-C during an in-process run lands here: free the trial for the next call.
-        unit.release(trial)
-        _give_back(unit, trial)
+        # Ctrl-C during an in-process run lands here: free the trials for the next call.
+        for unit, trial, _ in batch:
+            unit.release(trial)
+            _give_back(unit, trial)
         raise
 
 
