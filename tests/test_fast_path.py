@@ -330,3 +330,73 @@ def test_steady_state_steps_allocate_no_tensors(kernel, case):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
         plain.step()
     assert allocations(profile) != []
+
+
+# -- optimizers torch.optim does not ship: the compiled step against the plain one ---------
+
+# The option sets of tests/test_optim_beyond_torch.py, with a tensor learning rate.
+SIGN_OPTION_SETS = [
+    (ravine.Lion, {"lr": 0.01}),
+    (ravine.Lion, {"lr": 0.01, "betas": (0.8, 0.95), "weight_decay": 0.5}),
+    (ravine.Lion, {"lr": torch.tensor(0.01), "weight_decay": 0.1, "maximize": True}),
+    (ravine.Signum, {"lr": 0.01}),
+    (ravine.Signum, {"lr": 0.01, "momentum": 0.0}),
+    (ravine.Signum, {"lr": torch.tensor(0.01), "momentum": 0.5, "weight_decay": 0.2, "maximize": True}),
+    (ravine.Signum, {"lr": 0.01, "momentum": 0.0, "weight_decay": 0.2, "maximize": True}),
+]
+
+
+def sign_id(value):
+    if isinstance(value, type):
+        return value.__name__
+    return option_id(value)
+
+
+@pytest.mark.parametrize("dtype,threads", [(torch.float32, 1), (torch.float64, 1), (torch.float32, 2)], ids=str)
+@pytest.mark.parametrize("cls,options", SIGN_OPTION_SETS, ids=sign_id)
+def test_lion_and_signum_fast_path_bit_equal_to_plain(kernel, cls, options, dtype, threads):
+    """No square root: the compiled step is bit-equal to the plain one, with several
+    tensors (one cut into work items, one non-contiguous that stays on the plain
+    path) and parameters that skip steps."""
+    base = make_params(dtype)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast = run(lambda ps: cls(ps, **clone_options(options), impl="fast"), base)
+        plain = run(lambda ps: cls(ps, **clone_options(options), impl="plain"), base)
+    finally:
+        torch.set_num_threads(previous)
+    assert uses_fast_path(fast[1])
+    assert not uses_fast_path(plain[1])
+    assert_identical(fast, plain)
+    assert not all(torch.equal(a.detach(), b) for a, b in zip(fast[0], base))
+
+
+@pytest.mark.parametrize("cls,options", SIGN_OPTION_SETS, ids=sign_id)
+def test_lion_and_signum_signs_of_zero_match_the_plain_path(kernel, cls, options):
+    """sign(0) = sign(-0) = 0, and maximizing signSGD negates the sign (giving -0):
+    parameters of +0 and -0 with zero gradients come out with the same bits."""
+    values = torch.tensor([0.0, -0.0, 0.0, -0.0, 1.0, -1.0] * 5)
+    grads = torch.tensor([0.0, 0.0, -0.0, -0.0, 0.0, 1e-30] * 5)
+    results = []
+    for impl in ("fast", "plain"):
+        p = values.clone().requires_grad_()
+        optimizer = cls([p], **clone_options(options), impl=impl)
+        for _ in range(3):
+            p.grad = grads.clone()
+            optimizer.step()
+        results.append(p.detach().view(torch.int32) if p.dtype == torch.float32 else p.detach())
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("cls", [ravine.Lion, ravine.Signum], ids=lambda cls: cls.__name__)
+def test_lion_and_signum_learning_rate_changing_every_step_builds_nothing(kernel, cls, monkeypatch):
+    prepared = []
+    original = ravine.kernels.fast.prepare
+    monkeypatch.setattr(ravine.kernels.fast, "prepare", lambda *a: prepared.append(1) or original(*a))
+    base = make_params(torch.float32, contiguous_only=True)
+    schedule = lambda step: 0.01 / (1 + step)  # noqa: E731
+    fast = run(lambda ps: cls(ps, lr=0.01, weight_decay=0.1, impl="fast"), base, steps=12, lr_schedule=schedule)
+    plain = run(lambda ps: cls(ps, lr=0.01, weight_decay=0.1, impl="plain"), base, steps=12, lr_schedule=schedule)
+    assert_identical(fast, plain)
+    assert len(prepared) <= 2

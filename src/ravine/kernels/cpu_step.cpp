@@ -1,6 +1,6 @@
 // ravine's CPU optimizer steps: one pass over memory per step.
 //
-// Each family (SGD, Adagrad, RMSprop, Adam) is one loop that reads a parameter's
+// Each family (SGD, Adagrad, RMSprop, Adam, Lion, ...) is one loop that reads a parameter's
 // gradient and state once, does the whole update in registers and writes the
 // parameter and state once. The work is a list of (tensor, start, length) items,
 // spread over threads, so one big tensor and a thousand small ones balance alike.
@@ -123,14 +123,14 @@ inline void split_at_sqrt(const Rule rule, int64_t n) {  // by value: its pointe
 }
 
 // Hyperparameters, in the order ravine.kernels.cpu passes them.
-enum Family { SGD = 0, ADAGRAD = 1, RMSPROP = 2, ADAM = 3, ADAMAX = 4, NADAM = 5, RADAM = 6 };
+enum Family { SGD = 0, ADAGRAD = 1, RMSPROP = 2, ADAM = 3, ADAMAX = 4, NADAM = 5, RADAM = 6, LION = 7, SIGNUM = 8 };
 enum Flags {
   MAXIMIZE = 1,
   NESTEROV = 2,       // SGD
   CENTERED = 4,       // RMSprop
   AMSGRAD = 8,        // Adam
   DECOUPLED = 16,     // Adam
-  HAS_MOMENTUM = 32,  // SGD, RMSprop
+  HAS_MOMENTUM = 32,  // SGD, RMSprop, Signum
   HAS_WEIGHT_DECAY = 64,
 };
 
@@ -454,6 +454,81 @@ void radam(T** slots, int64_t start, int64_t n, const double* hp, const double* 
   });
 }
 
+// torch.sign: (0 < x) - (x < 0), so sign(NaN) = sign(-0) = +0.
+template <typename T>
+inline T sign_of(T x) {
+  return T(x > T(0)) - T(x < T(0));
+}
+
+// Lion. hp: beta1, 1 - beta1, beta2, 1 - beta2, -lr, 1 - lr weight_decay. Slots: param,
+// grad, exp_avg. No square root: one loop, bit-equal to Lion's plain path, which
+// averages as b m + (1 - b) g (a multiply, then an add with alpha: one FMA), not as
+// a lerp.
+template <typename T, bool WeightDecay>
+void lion_loop(T** slots, int64_t start, int64_t n, const double* hp, T sign) {
+  T* __restrict param = slots[0] + start;
+  const T* __restrict grad = slots[1] + start;
+  T* __restrict exp_avg = slots[2] + start;
+  const T beta1 = static_cast<T>(hp[0]), one_minus_beta1 = static_cast<T>(hp[1]);
+  const T beta2 = static_cast<T>(hp[2]), one_minus_beta2 = static_cast<T>(hp[3]);
+  const T neg_lr = static_cast<T>(hp[4]), decay = static_cast<T>(hp[5]);
+#pragma GCC ivdep
+  for (int64_t j = 0; j < n; ++j) {
+    const T g = grad[j] * sign;
+    const T m = exp_avg[j];
+    const T direction = sign_of(fused(g, one_minus_beta1, m * beta1)) * neg_lr;
+    T p = param[j];
+    if (WeightDecay) p = p * decay;
+    param[j] = p + direction;
+    exp_avg[j] = fused(g, one_minus_beta2, m * beta2);
+  }
+}
+
+template <typename T>
+void lion(T** slots, int64_t start, int64_t n, const double* hp, const double*, int64_t flags) {
+  const T sign = T((flags & MAXIMIZE) ? -1 : 1);
+  with_bool(flags & HAS_WEIGHT_DECAY, [&](auto wd) { lion_loop<T, decltype(wd)::value>(slots, start, n, hp, sign); });
+}
+
+// Signum (signSGD without momentum). hp: momentum, 1 - momentum, -lr,
+// 1 - lr weight_decay. Slots: param, grad, [momentum_buffer]. As the plain path,
+// signSGD negates the sign to maximize (not the gradient: -sign(0) is -0).
+template <typename T, bool Momentum, bool WeightDecay, bool Maximize>
+void signum_loop(T** slots, int64_t start, int64_t n, const double* hp) {
+  T* __restrict param = slots[0] + start;
+  const T* __restrict grad = slots[1] + start;
+  T* __restrict buffer = Momentum ? slots[2] + start : nullptr;
+  const T momentum = static_cast<T>(hp[0]), one_minus_momentum = static_cast<T>(hp[1]);
+  const T neg_lr = static_cast<T>(hp[2]), decay = static_cast<T>(hp[3]);
+#pragma GCC ivdep
+  for (int64_t j = 0; j < n; ++j) {
+    T s;
+    if (Momentum) {
+      const T g = Maximize ? -grad[j] : grad[j];
+      const T m = fused(g, one_minus_momentum, buffer[j] * momentum);
+      buffer[j] = m;
+      s = sign_of(m);
+    } else {
+      s = sign_of(grad[j]);
+      if (Maximize) s = -s;
+    }
+    T p = param[j];
+    if (WeightDecay) p = p * decay;
+    param[j] = p + s * neg_lr;
+  }
+}
+
+template <typename T>
+void signum(T** slots, int64_t start, int64_t n, const double* hp, const double*, int64_t flags) {
+  with_bool(flags & HAS_MOMENTUM, [&](auto mo) {
+    with_bool(flags & HAS_WEIGHT_DECAY, [&](auto wd) {
+      with_bool(flags & MAXIMIZE, [&](auto mx) {
+        signum_loop<T, decltype(mo)::value, decltype(wd)::value, decltype(mx)::value>(slots, start, n, hp);
+      });
+    });
+  });
+}
+
 template <typename T>
 void run(int64_t family, int64_t n_items, const int64_t* items, const int64_t* pointers, int64_t n_slots,
          const double* per_tensor, int64_t n_per, const double* hp, int64_t flags, int64_t threads) {
@@ -471,6 +546,8 @@ void run(int64_t family, int64_t n_items, const int64_t* items, const int64_t* p
       case ADAMAX: adamax<T>(slots, start, length, hp, per, flags); break;
       case NADAM: nadam<T>(slots, start, length, hp, per, flags); break;
       case RADAM: radam<T>(slots, start, length, hp, per, flags); break;
+      case LION: lion<T>(slots, start, length, hp, per, flags); break;
+      case SIGNUM: signum<T>(slots, start, length, hp, per, flags); break;
     }
   }
 }

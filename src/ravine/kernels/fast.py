@@ -195,14 +195,38 @@ def _radam(group, steps):
     return flags, hp, per
 
 
+def _lion(group, steps):
+    beta1, beta2 = group["betas"]
+    if not all(_is_number(value) for value in (beta1, beta2)):
+        return None
+    lr = T.scalar(group["lr"])
+    weight_decay = T.scalar(group["weight_decay"])
+    flags = MAXIMIZE * group["maximize"] | HAS_WEIGHT_DECAY * (weight_decay != 0)
+    # The same expressions as Lion.update.
+    return flags, [beta1, 1 - beta1, beta2, 1 - beta2, -lr, 1 - lr * weight_decay], {0.0: []}
+
+
+def _signum(group, steps):
+    if not _is_number(group["momentum"]):
+        return None
+    momentum = group["momentum"]
+    lr = T.scalar(group["lr"])
+    weight_decay = T.scalar(group["weight_decay"])
+    flags = MAXIMIZE * group["maximize"] | HAS_WEIGHT_DECAY * (weight_decay != 0) | HAS_MOMENTUM * (momentum != 0)
+    # The same expressions as Signum.update.
+    return flags, [momentum, 1 - momentum, -lr, 1 - lr * weight_decay], {0.0: []}
+
+
 def _specs() -> dict[type, Spec]:
     from ravine.optim.adagrad import Adagrad
     from ravine.optim.adam import Adam, AdamW
     from ravine.optim.adamax import Adamax
+    from ravine.optim.lion import Lion
     from ravine.optim.nadam import NAdam
     from ravine.optim.radam import RAdam
     from ravine.optim.rmsprop import RMSprop
     from ravine.optim.sgd import SGD
+    from ravine.optim.signum import Signum
 
     return {
         SGD: Spec("sgd", _sgd, 1),
@@ -213,6 +237,8 @@ def _specs() -> dict[type, Spec]:
         Adamax: Spec("adamax", _adamax, 1),
         NAdam: Spec("nadam", _nadam, 3),
         RAdam: Spec("radam", _radam, 4),
+        Lion: Spec("lion", _lion, 0),
+        Signum: Spec("signum", _signum, 0),
     }
 
 

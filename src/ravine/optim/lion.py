@@ -38,6 +38,9 @@ class Lion(RavineOptimizer):
         betas: :math:`(\beta_1, \beta_2)`, each in [0, 1].
         weight_decay: decoupled decay :math:`\lambda` >= 0.
         maximize: ascend the objective instead of descending it.
+        impl: (ravine only, keyword) ``"auto"``, ``"plain"`` or ``"fast"``, the
+            implementation that runs the step (see :mod:`ravine.optim.base`); the
+            compiled step is bit-equal to the plain one.
     """
 
     #: Each coordinate is updated from its own gradient and state alone.
@@ -53,6 +56,7 @@ class Lion(RavineOptimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        impl: str = "auto",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -62,7 +66,7 @@ class Lion(RavineOptimizer):
             "foreach": foreach,
         }
         self.check_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, impl=impl)
 
     def check_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)

@@ -39,6 +39,9 @@ class Signum(RavineOptimizer):
         momentum: :math:`\beta` in [0, 1); 0 gives signSGD.
         weight_decay: decoupled decay :math:`\lambda` >= 0.
         maximize: ascend the objective instead of descending it.
+        impl: (ravine only, keyword) ``"auto"``, ``"plain"`` or ``"fast"``, the
+            implementation that runs the step (see :mod:`ravine.optim.base`); the
+            compiled step is bit-equal to the plain one.
     """
 
     #: Each coordinate is updated from its own gradient and state alone.
@@ -54,6 +57,7 @@ class Signum(RavineOptimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        impl: str = "auto",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -63,7 +67,7 @@ class Signum(RavineOptimizer):
             "foreach": foreach,
         }
         self.check_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, impl=impl)
 
     def check_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
