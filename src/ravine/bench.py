@@ -11,11 +11,20 @@ ratio of at most 1.0 where torch has a fused kernel for the algorithm and option
 and at most 1/1.5 (1.5x faster) where it has not (RMSprop, for instance); the table
 marks it "met" or "MISSED". Every step sets a new learning rate, as a schedule would.
 ``benchmarks/step.py`` runs the same code.
+
+The baseline of a row is torch.optim's class where torch has the algorithm; for the
+schedule-free rows it is the reference ``schedulefree`` package (the row has no
+baseline where that is not installed); for Lion, LAMB, Signum and signSGD, which
+neither has, it is ravine's own plain path ("ravine plain (baseline)"), so the ratio
+says what the compiled step gains. Adafactor and Muon step matrices (Muon's rule
+needs them; Adafactor factors its second moment on them): each tensor is a matrix of
+about ``params / tensors`` elements, as square as the count allows.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import statistics
 import time
@@ -42,8 +51,29 @@ class Algorithm:
     torch_paths: tuple[str, ...] = ("for-loop", "foreach", "fused")
     #: ravine's implementations to time ("default": construct without ``impl``).
     ravine_impls: tuple[str, ...] = ("plain", "fast")
-    #: Whether the speed targets apply (not to rows that trade speed for memory).
+    #: Whether the speed targets apply (not to rows that trade speed for memory, nor
+    #: to rows whose baseline is not torch.optim).
     has_target: bool = True
+    #: Name of the baseline library in the row labels ("torch", "schedulefree").
+    baseline_name: str = "torch"
+    #: A ravine implementation that serves as the baseline where ``torch_cls`` is None.
+    ravine_baseline: str | None = None
+    #: Step matrices instead of vectors.
+    matrices: bool = False
+    #: In the default selection (``--optimizers`` not given).
+    default: bool | None = None
+
+    def in_default_set(self) -> bool:
+        return self.has_target if self.default is None else self.default
+
+
+def _schedulefree(name: str) -> Callable[..., torch.optim.Optimizer] | None:
+    """The reference package's class (a test-only dependency), or None."""
+    try:
+        import schedulefree
+    except ImportError:
+        return None
+    return getattr(schedulefree, name)
 
 
 def _algorithms() -> dict[str, Algorithm]:
@@ -71,6 +101,48 @@ def _algorithms() -> dict[str, Algorithm]:
         "adamax": Algorithm(torch.optim.Adamax, ravine.Adamax, {"lr": 2e-3}, 28, ("for-loop", "foreach")),
         "nadam": Algorithm(torch.optim.NAdam, ravine.NAdam, {"lr": 2e-3}, 28, ("for-loop", "foreach")),
         "radam": Algorithm(torch.optim.RAdam, ravine.RAdam, {"lr": 1e-3}, 28, ("for-loop", "foreach")),
+        # Optimizers torch.optim lacks or has only recently. Bytes per parameter, float32:
+        # Lion and Signum: param r/w + grad + momentum r/w = 20; signSGD: param r/w + grad
+        # = 12; LAMB: two passes, since the trust ratio needs the whole tensor's update
+        # norm first: (grad + param + m r/w + v r/w) + (m + v + param r/w) = 24 + 16 = 40;
+        # schedule-free AdamW: y r/w + z r/w + v r/w + grad = 28, SGD: y r/w + z r/w +
+        # grad = 20; Adafactor on matrices (factored state, O(rows + cols)): param and
+        # grad read for param's RMS and the row/column means, grad read again for the
+        # update's RMS, then param r/w + grad = 8 + 4 + 12 = 24; Muon: param r/w + grad +
+        # momentum r/w = 20 (its Newton-Schulz iterations are matrix products on a
+        # matrix-sized temporary, compute-bound, not counted).
+        "lion": Algorithm(
+            None, ravine.Lion, {"lr": 1e-4, "weight_decay": 0.1}, 20, (), ("plain", "default"),
+            has_target=False, ravine_baseline="plain", default=True,
+        ),
+        "lamb": Algorithm(
+            None, ravine.Lamb, {"lr": 1e-3, "weight_decay": 0.01}, 40, (), ("default",),
+            has_target=False, ravine_baseline="default", default=True,
+        ),
+        "signum": Algorithm(
+            None, ravine.Signum, {"lr": 1e-3, "momentum": 0.9}, 20, (), ("plain", "default"),
+            has_target=False, ravine_baseline="plain", default=True,
+        ),
+        "signsgd": Algorithm(
+            None, ravine.Signum, {"lr": 1e-3, "momentum": 0.0}, 12, (), ("plain", "default"),
+            has_target=False, ravine_baseline="plain", default=True,
+        ),
+        "sfadamw": Algorithm(
+            _schedulefree("AdamWScheduleFree"), ravine.ScheduleFreeAdamW, {"lr": 2.5e-3}, 28,
+            ("for-loop", "foreach"), ("default",), has_target=False, baseline_name="schedulefree", default=True,
+        ),
+        "sfsgd": Algorithm(
+            _schedulefree("SGDScheduleFree"), ravine.ScheduleFreeSGD, {"lr": 0.1}, 20,
+            ("for-loop", "foreach"), ("default",), has_target=False, baseline_name="schedulefree", default=True,
+        ),
+        "adafactor": Algorithm(
+            torch.optim.Adafactor, ravine.Adafactor, {"lr": 1e-2}, 24, ("for-loop", "foreach"), ("default",),
+            has_target=False, matrices=True, default=True,
+        ),
+        "muon": Algorithm(
+            torch.optim.Muon, ravine.Muon, {"lr": 1e-3}, 20, ("default",), ("default",),
+            has_target=False, matrices=True,
+        ),
         # Low-memory state (docs/memory.md) against torch's float32 state: bytes per
         # parameter are param r/w + grad + state r/w (bfloat16: 2 B, 8-bit: 1 B per
         # buffer element). Not in the default set.
@@ -93,7 +165,7 @@ def _algorithms() -> dict[str, Algorithm]:
 
 #: name -> Algorithm; benchmarks may add rows before calling :func:`run`.
 ALGORITHMS: dict[str, Algorithm] = _algorithms()
-DEFAULT_ALGORITHMS = tuple(name for name, algorithm in ALGORITHMS.items() if algorithm.has_target)
+DEFAULT_ALGORITHMS = tuple(name for name, algorithm in ALGORITHMS.items() if algorithm.in_default_set())
 
 
 def _low_memory_algorithms() -> dict[str, Algorithm]:
@@ -125,19 +197,36 @@ def _low_memory_algorithms() -> dict[str, Algorithm]:
 
 ALGORITHMS.update(_low_memory_algorithms())
 
-PATH_OPTIONS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+PATH_OPTIONS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}, "default": {}}
 
 
-def make_params(total: int, tensors: int, seed: int = 0) -> list[torch.Tensor]:
-    """``tensors`` float32 tensors of ``total // tensors`` elements, with gradients."""
-    generator = torch.Generator().manual_seed(seed)
+def tensor_shape(total: int, tensors: int, matrices: bool = False) -> tuple[int, ...]:
+    """The shape of each of ``tensors`` tensors: ``total // tensors`` elements, or with
+    ``matrices`` the most nearly square matrix of at most that many."""
     size = total // tensors
+    if not matrices:
+        return (size,)
+    rows = max(1, int(size**0.5))
+    return (rows, size // rows)
+
+
+def make_params(total: int, tensors: int, seed: int = 0, matrices: bool = False) -> list[torch.Tensor]:
+    """``tensors`` float32 tensors of :func:`tensor_shape`, with gradients."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = tensor_shape(total, tensors, matrices)
     params = []
     for _ in range(tensors):
-        p = torch.randn(size, generator=generator).requires_grad_()
-        p.grad = torch.randn(size, generator=generator) * 1e-3
+        p = torch.randn(shape, generator=generator).requires_grad_()
+        p.grad = torch.randn(shape, generator=generator) * 1e-3
         params.append(p)
     return params
+
+
+def _train(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Schedule-free optimizers step only in training mode."""
+    if hasattr(optimizer, "train"):
+        optimizer.train()
+    return optimizer
 
 
 def kernel_cost() -> dict[str, Any]:
@@ -157,21 +246,26 @@ def torch_has_fused(algorithm: Algorithm) -> bool:
 
 def bench_algorithm(name: str, total: int, tensors: int, steps: int, warmup: int, fast_available: bool = True) -> dict:
     algorithm = ALGORITHMS[name]
+    params = partial(make_params, total, tensors, matrices=algorithm.matrices)
+    shape = tensor_shape(total, tensors, algorithm.matrices)
+    numel = tensors * math.prod(shape)
     contenders: dict[str, torch.optim.Optimizer] = {}
+    baseline_keys = []
     if algorithm.torch_cls is not None:
         for path in algorithm.torch_paths:
-            contenders[f"torch {path}"] = algorithm.torch_cls(
-                make_params(total, tensors), **algorithm.kwargs, **PATH_OPTIONS[path]
-            )
+            key = algorithm.baseline_name if path == "default" else f"{algorithm.baseline_name} {path}"
+            contenders[key] = _train(algorithm.torch_cls(params(), **algorithm.kwargs, **PATH_OPTIONS[path]))
+            baseline_keys.append(key)
     for impl in algorithm.ravine_impls:
         if impl == "fast" and not fast_available:
             continue
-        if impl == "default":
-            contenders["ravine"] = algorithm.ravine_cls(make_params(total, tensors), **algorithm.kwargs)
-        else:
-            contenders[f"ravine {impl}"] = algorithm.ravine_cls(
-                make_params(total, tensors), **algorithm.kwargs, impl=impl
-            )
+        key = "ravine" if impl == "default" else f"ravine {impl}"
+        if algorithm.ravine_baseline == impl:
+            # A class without a compiled step runs its plain path by default.
+            key = "ravine (plain, baseline)" if impl == "default" else f"{key} (baseline)"
+            baseline_keys.append(key)
+        options = {} if impl == "default" else {"impl": impl}
+        contenders[key] = _train(algorithm.ravine_cls(params(), **algorithm.kwargs, **options))
     times: dict[str, list[float]] = {key: [] for key in contenders}
     for iteration in range(warmup + steps):
         # A new learning rate every step, as a schedule would set it.
@@ -185,20 +279,21 @@ def bench_algorithm(name: str, total: int, tensors: int, steps: int, warmup: int
             if iteration >= warmup:
                 times[key].append(elapsed)
     medians = {key: statistics.median(values) for key, values in times.items()}
-    torch_keys = [key for key in medians if key.startswith("torch")]
-    torch_best_key = min(torch_keys, key=medians.get) if torch_keys else None
+    baseline_best = min(baseline_keys, key=medians.get) if baseline_keys else None
+    torch_best = baseline_best if algorithm.torch_cls is not None and algorithm.baseline_name == "torch" else None
     target = 1.0 if torch_has_fused(algorithm) else 1 / 1.5
-    bytes_moved = algorithm.bytes_per_param * total
+    bytes_moved = algorithm.bytes_per_param * numel
     rows = []
     for key, seconds in medians.items():
-        ratio = seconds / medians[torch_best_key] if torch_best_key else None
+        ratio = seconds / medians[baseline_best] if baseline_best else None
         rows.append(
             {
                 "algorithm": name,
                 "implementation": key,
                 "ms_per_step": seconds * 1e3,
                 "gb_per_s": bytes_moved / seconds / 1e9,
-                "ratio_to_torch_best": ratio,
+                "ratio_to_baseline": ratio,
+                "ratio_to_torch_best": ratio if torch_best else None,
                 "target_met": (
                     (ratio <= target)
                     if (ratio is not None and key in ("ravine fast", "ravine") and algorithm.has_target)
@@ -208,7 +303,10 @@ def bench_algorithm(name: str, total: int, tensors: int, steps: int, warmup: int
         )
     return {
         "algorithm": name,
-        "torch_best": torch_best_key,
+        "params": numel,
+        "shape": list(shape),
+        "baseline_best": baseline_best,
+        "torch_best": torch_best,
         "target_ratio": target,
         "bytes_per_param": algorithm.bytes_per_param,
         "rows": rows,
@@ -255,18 +353,18 @@ def run(
         echo(f"# ravine fast path: {how} ({cost['path']})")
     else:
         echo(f"# ravine fast path unavailable: {cost['reason']}")
-    echo(f"{'algorithm':<18}{'implementation':<16}{'ms/step':>10}{'GB/s':>8}{'vs torch best':>15}{'target':>9}")
+    echo(f"{'algorithm':<18}{'implementation':<26}{'ms/step':>10}{'GB/s':>8}{'vs baseline':>13}{'target':>9}")
     results = []
     for name in names:
         result = bench_algorithm(name, total, tensors, steps, warmup, cost["available"])
         results.append(result)
         for row in result["rows"]:
-            ratio = row["ratio_to_torch_best"]
+            ratio = row["ratio_to_baseline"]
             met = row["target_met"]
             target = "" if met is None else (f"<={result['target_ratio']:.2f} " + ("met" if met else "MISSED"))
             echo(
-                f"{row['algorithm']:<18}{row['implementation']:<16}{row['ms_per_step']:>10.2f}"
-                f"{row['gb_per_s']:>8.2f}{(f'{ratio:.2f}x' if ratio is not None else '-'):>15}  {target}"
+                f"{row['algorithm']:<18}{row['implementation']:<26}{row['ms_per_step']:>10.2f}"
+                f"{row['gb_per_s']:>8.2f}{(f'{ratio:.2f}x' if ratio is not None else '-'):>13}  {target}"
             )
     return {"params": total, "tensors": tensors, "steps": steps, "machine": info, "fast_path": cost, "results": results}
 
