@@ -438,3 +438,132 @@ def test_docs_example_runs_and_its_byte_count_holds():
     expected = 2 * 1_048_576 + 2 * 4 * 4_096 + 4 + 2 * 4 * 1_024 + 4
     assert expected == 2_138_120 and "2138120" in code
     assert state_bytes(optimizer) == expected
+
+
+# The 8-bit step as first written: a chunk of at most 65,536 elements at a time,
+# each dequantized, updated and quantized by the public quantize/dequantize
+# functions. The step in ravine.optim.quantized must give the same codes and scales.
+_REFERENCE_CHUNK = 1 << 16
+
+
+class _ReferenceQuantizedStep:
+    def update(self, group, params, grads, states, steps):
+        from ravine.optim.quantized import BlockwiseQuantizedState
+
+        names = self.state_names(group)
+        batch, size = [], 0
+        for p, g, state, step in zip(params, grads, states, steps, strict=True):
+            full = self.state.get(p, {})
+            quantized = [name for name in names if name + "_absmax" in full]
+            if not quantized:
+                batch.append((p, g, state, step, None))
+                size += p.numel()
+            elif not (p.is_contiguous() and g.is_contiguous()):
+                work = dict(state)
+                for name in quantized:
+                    work[name] = dequantize_blockwise(full[name], full[name + "_absmax"], name in SIGNED)
+                batch.append((p, g, work, step, (full, quantized, 0)))
+                size += p.numel()
+            else:
+                flat_p, flat_g = p.view(-1), g.view(-1)
+                for start in range(0, p.numel(), _REFERENCE_CHUNK):
+                    length = min(_REFERENCE_CHUNK, p.numel() - start)
+                    first, last = start // 256, -(-(start + length) // 256)
+                    work = dict(state)
+                    for name in quantized:
+                        work[name] = dequantize_blockwise(
+                            full[name].view(-1)[start:start + length], full[name + "_absmax"][first:last], name in SIGNED
+                        )
+                    part = slice(start, start + length)
+                    batch.append((flat_p[part], flat_g[part], work, step, (full, quantized, start)))
+                    size += length
+                    if size >= _REFERENCE_CHUNK:
+                        self._reference_run(group, batch, BlockwiseQuantizedState)
+                        batch, size = [], 0
+            if size >= _REFERENCE_CHUNK:
+                self._reference_run(group, batch, BlockwiseQuantizedState)
+                batch, size = [], 0
+        if batch:
+            self._reference_run(group, batch, BlockwiseQuantizedState)
+
+    def _reference_run(self, group, batch, mixin):
+        from ravine.optim.lowmem import run_in_working_precision
+
+        rule = super(mixin, self).update  # the float optimizer's rule
+        run_in_working_precision(rule, group, *[[e[i] for e in batch] for i in range(4)])
+        for _, _, work, _, source in batch:
+            if source is None:
+                continue
+            full, names, start = source
+            for name in names:
+                codes, absmax = quantize_blockwise(work[name], name in SIGNED, stochastic=self.stochastic_rounding)
+                full[name].view(-1)[start:start + codes.numel()].copy_(codes.view(-1))
+                full[name + "_absmax"][start // 256:start // 256 + absmax.numel()].copy_(absmax)
+
+
+SIGNED = ("exp_avg", "momentum_buffer")
+REFERENCE_CASES = {
+    "adamw-8bit": (AdamW8bit, {"lr": 1e-2}),
+    "amsgrad-8bit": (Adam8bit, {"lr": 1e-2, "amsgrad": True, "weight_decay": 0.1}),
+    "nesterov-8bit": (SGD8bit, {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}),
+    "lion-8bit": (Lion8bit, {"lr": 1e-3, "weight_decay": 0.1}),
+}
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_CASES))
+def test_8bit_step_gives_the_codes_and_scales_of_the_chunk_by_chunk_step(name):
+    cls, kwargs = REFERENCE_CASES[name]
+    reference_cls = type("Reference" + cls.__name__, (_ReferenceQuantizedStep, cls), {})
+    # Sizes: not multiples of 256, below min_8bit_size, over one work buffer
+    # (2**18 elements), a 2-d tensor, and a non-contiguous one (a transpose).
+    shapes = [(300, 70), (5000,), (100,), (70_001,), (1000, 300), (4097,)]
+    runs = []
+    for optimizer_cls in (reference_cls, cls):
+        torch.manual_seed(0)
+        params = [torch.randn(shape, requires_grad=True) for shape in shapes]
+        params.append(torch.randn(90, 80).t().requires_grad_())
+        optimizer = optimizer_cls(params, **kwargs)
+        generator = torch.Generator().manual_seed(1)
+        torch.manual_seed(2)  # stochastic rounding draws from the global generator
+        for step in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator) * 10.0 ** (step % 3 - 1)
+            optimizer.step()
+        runs.append((params, optimizer.state_dict()["state"]))
+    (ref_params, ref_state), (params, state) = runs
+    for ref_p, p in zip(ref_params, params):
+        assert torch.equal(ref_p.view(torch.int32), p.view(torch.int32))
+    assert ref_state.keys() == state.keys()
+    quantized = 0
+    for index in ref_state:
+        assert ref_state[index].keys() == state[index].keys()
+        for key, value in ref_state[index].items():
+            assert value.dtype == state[index][key].dtype, key
+            assert torch.equal(value.reshape(-1).view(torch.uint8), state[index][key].reshape(-1).view(torch.uint8)), key
+            quantized += key.endswith("_absmax")
+    assert quantized >= 5  # the comparison covered 8-bit state
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_block_normalization_and_nearest_codes_into_buffers(signed):
+    from ravine.optim.quantized import _codebook, _nearest_codes_into, _normalize_blocks
+
+    codebook, midpoints, table = _codebook(signed, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randn(64, 256, generator=generator) * torch.logspace(-30, 3, 64)[:, None]
+    values[5] = 0.0
+    values[6] = -0.0
+    values[7, :10] = -0.0
+    values[8] = -values[8].abs()
+    if not signed:
+        values = values.abs()
+    expected_absmax = values.abs().amax(dim=1)
+    scale = torch.where(expected_absmax > 0, expected_absmax, torch.ones_like(expected_absmax))
+    expected_normalized = values / scale[:, None]
+    normalized, absmax = _normalize_blocks(values.clone())
+    assert torch.equal(absmax.view(torch.int32), expected_absmax.view(torch.int32))  # no -0.0 scales
+    assert torch.equal(normalized, expected_normalized)
+    flat = torch.cat([normalized.view(-1), midpoints, torch.nextafter(midpoints, torch.tensor(2.0))])
+    scratch = [torch.empty(flat.numel(), dtype=dtype) for dtype in (torch.int32, torch.int32, torch.float32)]
+    codes = _nearest_codes_into(flat, table, midpoints, *scratch)
+    assert torch.equal(codes, torch.bucketize(flat, midpoints, out_int32=True))

@@ -57,8 +57,9 @@ __all__ = [
 
 #: Elements sharing one absmax scale.
 BLOCK_SIZE = 256
-# Elements dequantized, updated and quantized together (a multiple of BLOCK_SIZE).
-_CHUNK = 1 << 16
+# Elements dequantized, updated and quantized together (a multiple of BLOCK_SIZE):
+# the size of the float32 work buffers kept between steps.
+_CHUNK = 1 << 18
 #: Which codebook each state buffer uses: signed (True) or unsigned (False).
 SIGNED_STATES = {"exp_avg": True, "momentum_buffer": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
 
@@ -113,6 +114,57 @@ def _nearest_codes(normalized: Tensor, midpoints: Tensor, table: Tensor) -> Tens
     bucket = (normalized.reshape(-1).view(torch.int32) >> _TABLE_SHIFT) & ((1 << (32 - _TABLE_SHIFT)) - 1)
     below = table.index_select(0, bucket)
     return (below + (normalized.reshape(-1) > midpoints.index_select(0, below))).view(normalized.shape)
+
+
+# Index of the code 0.0 in each codebook.
+_ZERO_CODE = {signed: int((dynamic_codebook(signed) == 0).nonzero()) for signed in (True, False)}
+
+
+def _codebook_and_tables(signed: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor, int]:
+    """:func:`_codebook`'s tensors and the index of the code 0.0."""
+    codebook, midpoints, table = _codebook(signed, device)
+    return codebook, midpoints, table, _ZERO_CODE[signed]
+
+
+def _normalize_blocks(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """Divide each row of ``blocks`` (float32, one block per row) by its absmax in
+    place (rows of zeros by 1); return the rows and the absmax of each."""
+    # max |x| = max(max x, -min x), as abs().amax() gives it (abs_: no -0.0)
+    absmax = torch.maximum(blocks.amax(dim=1), blocks.amin(dim=1).neg_()).abs_()
+    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    return blocks.div_(scale[:, None]), absmax
+
+
+def _nearest_codes_into(flat: Tensor, table: Tensor, midpoints: Tensor, index: Tensor, code: Tensor, threshold: Tensor) -> Tensor:
+    """:func:`_nearest_codes` of the 1-d float32 ``flat``, written into the int32
+    buffer ``code`` (``index`` and ``threshold``: scratch of the same size)."""
+    torch.bitwise_right_shift(flat.view(torch.int32), _TABLE_SHIFT, out=index)
+    index.bitwise_and_((1 << (32 - _TABLE_SHIFT)) - 1)
+    torch.index_select(table, 0, index, out=code)
+    torch.index_select(midpoints, 0, code, out=threshold)
+    return code.add_(flat > threshold)
+
+
+def _stochastic_codes(normalized: Tensor, signed: bool) -> Tensor:
+    """Codes of :func:`quantize_blockwise` with ``stochastic=True`` for values already
+    divided by their block's absmax."""
+    codebook = _codebook(signed, normalized.device)[0]
+    normalized = normalized.clamp(codebook[0], codebook[-1])
+    upper = torch.bucketize(normalized, codebook, out_int32=True).clamp_(1, codebook.numel() - 1)
+    lower_value = codebook[upper - 1]
+    chance_up = (normalized - lower_value) / (codebook[upper] - lower_value)
+    return torch.where(torch.rand_like(chance_up) < chance_up, upper, upper - 1)
+
+
+class _Piece:
+    """A contiguous run of one parameter's elements and where its state lives: in
+    the 8-bit buffers at ``start`` and in the float32 work buffer at ``offset``."""
+
+    __slots__ = ("param", "grad", "state", "step", "full", "start", "length", "offset")
+
+    def __init__(self, param, grad, state, step, full, start, length, offset) -> None:
+        self.param, self.grad, self.state, self.step = param, grad, state, step
+        self.full, self.start, self.length, self.offset = full, start, length, offset
 
 
 def quantize_blockwise(
@@ -202,35 +254,105 @@ class BlockwiseQuantizedState:
                 state[name + "_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=param.device)
 
     def update(self, group, params, grads, states, steps) -> None:
+        # Parameters are quantized in their order (stochastic rounding draws random
+        # numbers in that order); those with float32 state go to the rule together.
         names = self.state_names(group)
-        batch: list[tuple[Tensor, Tensor, dict[str, Tensor], float, Any]] = []
+        plain: list[tuple[Tensor, Tensor, dict[str, Tensor], float, Any]] = []
+        chunk: list[_Piece] = []
+        chunk_names: tuple[str, ...] = ()
         size = 0
         for p, g, state, step in zip(params, grads, states, steps, strict=True):
             full = self.state.get(p, {})
-            quantized = [name for name in names if name + "_absmax" in full]
+            quantized = tuple(name for name in names if name + "_absmax" in full)
             if not quantized:
-                batch.append((p, g, state, step, None))
-                size += p.numel()
-            elif not (p.is_contiguous() and g.is_contiguous()):
+                plain.append((p, g, state, step, None))
+                continue
+            if chunk and (quantized != chunk_names or not (p.is_contiguous() and g.is_contiguous())):
+                self._run_chunk(group, chunk_names, chunk, size)
+                chunk, size = [], 0
+            if not (p.is_contiguous() and g.is_contiguous()):
                 work = {**state, **self._read(full, quantized, 0, p.numel(), p.shape)}
-                batch.append((p, g, work, step, (full, quantized, 0)))
-                size += p.numel()
+                self._run(group, [(p, g, work, step, (full, quantized, 0))])
+                continue
+            chunk_names = quantized
+            flat_p, flat_g = p.view(-1), g.view(-1)
+            for start in range(0, p.numel(), _CHUNK):
+                length = min(_CHUNK, p.numel() - start)
+                padded = -(-length // BLOCK_SIZE) * BLOCK_SIZE
+                if chunk and size + padded > _CHUNK:
+                    self._run_chunk(group, chunk_names, chunk, size)
+                    chunk, size = [], 0
+                part = slice(start, start + length)
+                chunk.append(_Piece(flat_p[part], flat_g[part], state, step, full, start, length, size))
+                size += padded
+        if chunk:
+            self._run_chunk(group, chunk_names, chunk, size)
+        if plain:
+            self._run(group, plain)
+
+    def _workspace(self, device: torch.device, size: int, names: tuple[str, ...]) -> dict[str, Tensor]:
+        """float32 buffers of at least ``size`` elements, one per state name, plus int32
+        scratch ("index", "code") and a float32 one ("threshold"), kept between steps."""
+        spaces = self.__dict__.setdefault("_quantized_workspace", {})
+        space = spaces.setdefault(torch.device(device), {})
+        for name in (*names, "threshold", "index", "code"):
+            dtype = torch.int32 if name in ("index", "code") else torch.float32
+            if name not in space or space[name].numel() < size:
+                space[name] = torch.empty(max(size, BLOCK_SIZE), dtype=dtype, device=device)
+        return {name: tensor[:size] for name, tensor in space.items()}
+
+    def _run_chunk(self, group, names: tuple[str, ...], chunk: list[_Piece], size: int) -> None:
+        """Dequantize the state of ``chunk``'s pieces into one float32 buffer per state
+        (each piece padded to whole blocks), run the rule on views of it, quantize the
+        whole buffer back with a few large operations."""
+        device = chunk[0].param.device
+        space = self._workspace(device, size, names)
+        blocks = size // BLOCK_SIZE
+        index, code = space["index"], space["code"]
+        for name in names:
+            signed = SIGNED_STATES[name]
+            codebook, _, _, zero = _codebook_and_tables(signed, device)
+            work = space[name]
+            scales = space["threshold"][:blocks]
+            for piece in chunk:
+                first = piece.start // BLOCK_SIZE
+                count = -(-piece.length // BLOCK_SIZE)
+                end = piece.offset + piece.length
+                index[piece.offset:end].copy_(piece.full[name].view(-1)[piece.start:piece.start + piece.length])
+                index[end:piece.offset + count * BLOCK_SIZE].fill_(zero)
+                scales[piece.offset // BLOCK_SIZE:piece.offset // BLOCK_SIZE + count].copy_(
+                    piece.full[name + "_absmax"][first:first + count]
+                )
+            torch.index_select(codebook, 0, index, out=work)
+            work.view(blocks, BLOCK_SIZE).mul_(scales[:, None])
+        batch = []
+        for piece in chunk:
+            views = {name: space[name][piece.offset:piece.offset + piece.length] for name in names}
+            batch.append((piece.param, piece.grad, {**piece.state, **views}, piece.step, None))
+        self._run(group, batch)
+        for name in names:
+            signed = SIGNED_STATES[name]
+            work = space[name]
+            for piece in chunk:  # padding back to zeros, as quantize_blockwise pads
+                end = piece.offset + piece.length
+                padded_end = piece.offset + -(-piece.length // BLOCK_SIZE) * BLOCK_SIZE
+                if end < padded_end:
+                    work[end:padded_end].zero_()
+            normalized, absmax = _normalize_blocks(work.view(blocks, BLOCK_SIZE))
+            if self.stochastic_rounding:
+                codes = _stochastic_codes(normalized, signed).view(-1)
             else:
-                flat_p, flat_g = p.view(-1), g.view(-1)
-                for start in range(0, p.numel(), _CHUNK):
-                    length = min(_CHUNK, p.numel() - start)
-                    work = {**state, **self._read(full, quantized, start, length, (length,))}
-                    part = slice(start, start + length)
-                    batch.append((flat_p[part], flat_g[part], work, step, (full, quantized, start)))
-                    size += length
-                    if size >= _CHUNK:
-                        self._run(group, batch)
-                        batch, size = [], 0
-            if size >= _CHUNK:
-                self._run(group, batch)
-                batch, size = [], 0
-        if batch:
-            self._run(group, batch)
+                _, midpoints, table, _ = _codebook_and_tables(signed, device)
+                codes = _nearest_codes_into(normalized.view(-1), table, midpoints, index, code, space["threshold"])
+            for piece in chunk:
+                first = piece.start // BLOCK_SIZE
+                count = -(-piece.length // BLOCK_SIZE)
+                piece.full[name].view(-1)[piece.start:piece.start + piece.length].copy_(
+                    codes[piece.offset:piece.offset + piece.length]
+                )
+                piece.full[name + "_absmax"][first:first + count].copy_(
+                    absmax[piece.offset // BLOCK_SIZE:piece.offset // BLOCK_SIZE + count]
+                )
 
     def _read(self, full, names, start, length, shape) -> dict[str, Tensor]:
         first, last = start // BLOCK_SIZE, -(-(start + length) // BLOCK_SIZE)
