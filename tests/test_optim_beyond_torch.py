@@ -16,7 +16,7 @@ import torch
 import ravine
 from ravine.optim.schedulefree import evaluation_mode
 
-schedulefree = pytest.importorskip("schedulefree")
+import schedulefree  # the reference for the schedule-free optimizers (the test extra installs it)
 
 
 def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
