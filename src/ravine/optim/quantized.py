@@ -120,10 +120,19 @@ def _nearest_codes(normalized: Tensor, midpoints: Tensor, table: Tensor) -> Tens
 _ZERO_CODE = {signed: int((dynamic_codebook(signed) == 0).nonzero()) for signed in (True, False)}
 
 
-def _codebook_and_tables(signed: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor, int]:
-    """:func:`_codebook`'s tensors and the index of the code 0.0."""
-    codebook, midpoints, table = _codebook(signed, device)
-    return codebook, midpoints, table, _ZERO_CODE[signed]
+_PAIR_TABLES: dict[tuple[bool, torch.device], Tensor] = {}
+
+
+def _pair_table(signed: bool, device: torch.device) -> Tensor:
+    """The values of every pair of codes, indexed by the two bytes read as one 16-bit
+    integer (0 to 65535): int64 entries holding the two float32 values in memory order,
+    so one gather dequantizes two codes."""
+    key = (signed, torch.device(device))
+    if key not in _PAIR_TABLES:
+        codebook = _codebook(signed, device)[0]
+        pairs = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.uint8).view(-1, 2)
+        _PAIR_TABLES[key] = codebook[pairs.to(device).long()].contiguous().view(torch.int64).view(-1)
+    return _PAIR_TABLES[key]
 
 
 def _normalize_blocks(blocks: Tensor) -> tuple[Tensor, Tensor]:
@@ -142,7 +151,7 @@ def _nearest_codes_into(flat: Tensor, table: Tensor, midpoints: Tensor, index: T
     index.bitwise_and_((1 << (32 - _TABLE_SHIFT)) - 1)
     torch.index_select(table, 0, index, out=code)
     torch.index_select(midpoints, 0, code, out=threshold)
-    return code.add_(flat > threshold)
+    return code.add_(torch.gt(flat, threshold, out=index))  # an int32 result: faster to add than bool
 
 
 def _stochastic_codes(normalized: Tensor, signed: bool) -> Tensor:
@@ -311,19 +320,21 @@ class BlockwiseQuantizedState:
         index, code = space["index"], space["code"]
         for name in names:
             signed = SIGNED_STATES[name]
-            codebook, _, _, zero = _codebook_and_tables(signed, device)
             work = space[name]
             scales = space["threshold"][:blocks]
+            staged = code.view(torch.uint8)[:size]  # the codes, padded with the code of 0.0
             for piece in chunk:
                 first = piece.start // BLOCK_SIZE
                 count = -(-piece.length // BLOCK_SIZE)
                 end = piece.offset + piece.length
-                index[piece.offset:end].copy_(piece.full[name].view(-1)[piece.start:piece.start + piece.length])
-                index[end:piece.offset + count * BLOCK_SIZE].fill_(zero)
+                staged[piece.offset:end].copy_(piece.full[name].view(-1)[piece.start:piece.start + piece.length])
+                staged[end:piece.offset + count * BLOCK_SIZE].fill_(_ZERO_CODE[signed])
                 scales[piece.offset // BLOCK_SIZE:piece.offset // BLOCK_SIZE + count].copy_(
                     piece.full[name + "_absmax"][first:first + count]
                 )
-            torch.index_select(codebook, 0, index, out=work)
+            # codebook[code] two codes at a time, then times the block's scale
+            pair_index = index[:size // 2].copy_(staged.view(torch.int16)).bitwise_and_(0xFFFF)
+            torch.index_select(_pair_table(signed, device), 0, pair_index, out=work.view(torch.int64))
             work.view(blocks, BLOCK_SIZE).mul_(scales[:, None])
         batch = []
         for piece in chunk:
@@ -342,7 +353,7 @@ class BlockwiseQuantizedState:
             if self.stochastic_rounding:
                 codes = _stochastic_codes(normalized, signed).view(-1)
             else:
-                _, midpoints, table, _ = _codebook_and_tables(signed, device)
+                _, midpoints, table = _codebook(signed, device)
                 codes = _nearest_codes_into(normalized.view(-1), table, midpoints, index, code, space["threshold"])
             for piece in chunk:
                 first = piece.start // BLOCK_SIZE
