@@ -17,9 +17,15 @@ unsigned one, which spends the sign bit on precision.
 
 A step reads each block's state back to float32, runs the optimizer's own update
 rule there (:class:`~ravine.optim.Adam`'s, :class:`~ravine.optim.SGD`'s, ...), and
-quantizes the new state with fresh scales, a chunk of 65,536 elements at a time,
-so the float32 copy never holds more than one chunk. Plain torch operations
-(integer shifts and ``index_select`` on a lookup table), so the same code runs on any device.
+quantizes the new state with fresh scales, a chunk of up to 262,144 elements
+(several small parameters, or a slice of a large one, each padded to whole blocks)
+at a time: the float32 copy never holds more than one chunk, in work buffers of
+1 MiB per state kept between steps (plus three of scratch). Each stage is one large
+torch operation over the chunk (a gather from a table of code pairs to read the
+state, ``amax``/``amin`` over a (blocks, 256) view for the scales, integer shifts
+and ``index_select`` on a lookup table for the nearest codes), so the same code
+runs on any device. The codes and scales do not depend on how the parameters are
+cut into chunks (stochastic rounding draws its random numbers in parameter order).
 
 Parameters with fewer than ``min_8bit_size`` elements (4096, as in bitsandbytes)
 keep float32 state: the saving would be small and biases and norms are sensitive.
@@ -224,7 +230,7 @@ class BlockwiseQuantizedState:
     The float optimizer's update rule runs unchanged on float32 copies of one chunk
     of state at a time. The whole group goes to :meth:`update` in one call (no
     slicing by the base class, whose blocks would not line up with the scales), and
-    this class cuts it into chunks of whole quantization blocks itself.
+    this class packs it into chunks of whole quantization blocks itself.
     """
 
     #: A block's scale depends on all its elements, so coordinates are not independent.
