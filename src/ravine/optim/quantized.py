@@ -282,10 +282,11 @@ class BlockwiseQuantizedState:
             if not quantized:
                 plain.append((p, g, state, step, None))
                 continue
-            if chunk and (quantized != chunk_names or not (p.is_contiguous() and g.is_contiguous())):
+            contiguous = p.is_contiguous() and g.is_contiguous()
+            if chunk and (quantized != chunk_names or not contiguous or p.device != chunk[0].param.device):
                 self._run_chunk(group, chunk_names, chunk, size)
                 chunk, size = [], 0
-            if not (p.is_contiguous() and g.is_contiguous()):
+            if not contiguous:
                 work = {**state, **self._read(full, quantized, 0, p.numel(), p.shape)}
                 self._run(group, [(p, g, work, step, (full, quantized, 0))])
                 continue
