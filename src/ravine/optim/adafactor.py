@@ -40,8 +40,9 @@ class Adafactor(RavineOptimizer):
     There is no first moment. Signature, defaults and ``state_dict`` (``step``;
     ``row_var`` of shape ``(..., n, 1)`` and ``col_var`` of shape ``(..., 1, m)`` for
     parameters of two or more dimensions, ``variance`` otherwise) are those of
-    :class:`torch.optim.Adafactor`. Complex parameters are refused (``ValueError`` when
-    they are given; torch raises at the first step).
+    :class:`torch.optim.Adafactor`. Complex parameters and DTensor parameters (FSDP2's
+    sharded ones) are refused (``ValueError`` when they are given; torch raises at the
+    first step on both).
 
     Args:
         lr: :math:`\eta` >= 0 (float or 1-element tensor), also the cap of the relative
@@ -96,6 +97,12 @@ class Adafactor(RavineOptimizer):
             if torch.is_complex(p):
                 raise ValueError(
                     f"params must be real: Adafactor does not support complex parameters, got {p.dtype}"
+                )
+            if hasattr(p, "placements") and hasattr(p, "full_tensor"):
+                raise ValueError(
+                    "params must be plain tensors: Adafactor does not support DTensor (FSDP2, "
+                    "sharded) parameters, as torch.optim.Adafactor does not (its step fails on "
+                    f"them); got a DTensor with placements {tuple(p.placements)}"
                 )
 
     def init_state(self, group, param, state) -> None:

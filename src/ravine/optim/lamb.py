@@ -128,10 +128,15 @@ class Lamb(RavineOptimizer):
 
 def trust_ratios(params: list[Tensor], updates: list[Tensor]) -> list[float]:
     r""":math:`\lVert\theta\rVert / \lVert u\rVert` per tensor, 1 where either norm is 0,
-    in float64 (one read back to the host for the whole list)."""
+    in float64 (one read back to the host for the whole list). For DTensor parameters
+    (FSDP2) the norms are those of the full tensors, reduced across the shards."""
     if not params:
         return []
     norms = torch._foreach_norm(params) + torch._foreach_norm(updates)
+    # On a sharded DTensor the norm is a partial result per shard: reduce it across the
+    # shards to the whole tensor's norm, the same on every rank.
+    # (``full_tensor`` is DTensor's; plain tensors have no such method.)
+    norms = [norm.full_tensor() if hasattr(norm, "full_tensor") else norm for norm in norms]
     values = torch.stack([norm.to("cpu", torch.float64) for norm in norms]).tolist()
     count = len(params)
     return [

@@ -246,7 +246,20 @@ class MuonWithAdamW(Muon):
             "fused": None,
             "decoupled_weight_decay": True,
         }
-        _adamw_rule().check_group(self.adamw_defaults)
+        try:
+            _adamw_rule().check_group(self.adamw_defaults)
+        except ValueError as error:
+            # AdamW's checks name its own keys (lr, betas, ...): name the argument given here.
+            # lr and weight_decay come from Muon's own when adamw_lr/adamw_weight_decay are None.
+            given = ["betas", "eps"]
+            if adamw_lr is not None:
+                given.append("lr")
+            if adamw_weight_decay is not None:
+                given.append("weight_decay")
+            message = str(error)
+            if not any(message.startswith(key) for key in given):
+                raise
+            raise ValueError(f"adamw_{message}") from None
         # An AdamW group that sets its own lr keeps it; one split off a group follows
         # that group's lr when adamw_lr is None.
         self._adamw_lr_follows_lr = adamw_lr is None
