@@ -2,6 +2,7 @@ r"""Adafactor: adaptive steps from a factored second moment, with relative step 
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ravine import transforms as T
-from ravine.optim.base import RavineOptimizer, check_range, scalar
+from ravine.optim.base import RavineOptimizer, check_range, narrowest_dtype, scalar
 
 __all__ = ["Adafactor"]
 
@@ -88,9 +89,12 @@ class Adafactor(RavineOptimizer):
         eps = group["eps"]
         if not isinstance(eps, (tuple, list)) or len(eps) != 2:
             raise ValueError(f"eps must be a pair (eps1, eps2), eps1 None or >= 0 and eps2 >= 0, got {eps!r}")
+        # eps1 and eps2 are compared with values in the parameters' dtype, eps1 squared.
+        dtype = narrowest_dtype(group)
         if eps[0] is not None:
-            check_range("eps[0]", eps[0], 0.0)
-        check_range("eps[1]", eps[1], 0.0)
+            root_of_largest = None if dtype is None else math.sqrt(torch.finfo(dtype).max)
+            check_range("eps[0]", eps[0], 0.0, root_of_largest, representable_in=dtype)
+        check_range("eps[1]", eps[1], 0.0, representable_in=dtype)
         check_range("d", group["d"], 1.0)
         check_range("weight_decay", group["weight_decay"], 0.0)
         for p in group.get("params", ()):

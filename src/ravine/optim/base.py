@@ -65,12 +65,20 @@ def check_range(
     *,
     low_open: bool = False,
     high_open: bool = False,
+    representable_in: torch.dtype | None = None,
 ) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``low <= value <= high``.
 
     ``low_open``/``high_open`` exclude the bound. NaN is always rejected. A tensor
-    must have exactly one element.
+    must have exactly one element. ``representable_in`` (a floating dtype) also
+    bounds the value by that dtype's largest finite number, in magnitude.
     """
+    if representable_in is not None:
+        largest = float(torch.finfo(representable_in).max)
+        if high is None or high > largest:
+            high, high_open = largest, False
+        if low is None or low < -largest:
+            low, low_open = -largest, False
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a 1-element tensor, got a tensor of shape {tuple(value.shape)}")
@@ -82,12 +90,21 @@ def check_range(
     left = "(" if low_open else "["
     right = ")" if high_open else "]"
     allowed = f"{left}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{right}"
+    if representable_in is not None:
+        allowed += f" (finite in {str(representable_in).removeprefix('torch.')})"
     if math.isnan(number):
         raise ValueError(f"{name} must be in {allowed}, got nan")
     too_low = low is not None and (number <= low if low_open else number < low)
     too_high = high is not None and (number >= high if high_open else number > high)
     if too_low or too_high:
         raise ValueError(f"{name} must be in {allowed}, got {number}")
+
+
+def narrowest_dtype(group: dict[str, Any]) -> torch.dtype | None:
+    """The floating dtype with the smallest range among ``group``'s parameters (None
+    when it has none): a hyperparameter that scales them must be representable in it."""
+    dtypes = [p.dtype for p in group.get("params", ()) if p.is_floating_point()]
+    return min(dtypes, key=lambda dtype: torch.finfo(dtype).max, default=None)
 
 
 def check_flag(name: str, value: Any) -> None:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ravine import transforms as T
 from ravine.optim.adam import AdamW
-from ravine.optim.base import RavineOptimizer, check_range, scalar
+from ravine.optim.base import RavineOptimizer, check_range, narrowest_dtype, scalar
 
 __all__ = ["Muon", "MuonWithAdamW", "muon_with_adamw", "zeropower_via_newton_schulz", "adjusted_lr"]
 
@@ -133,15 +133,19 @@ class Muon(RavineOptimizer):
         super().__init__(params, defaults)
 
     def check_group(self, group: dict[str, Any]) -> None:
-        check_range("lr", group["lr"], 0.0)
-        check_range("weight_decay", group["weight_decay"], 0.0)
-        check_range("momentum", group["momentum"], 0.0)
+        # lr, weight_decay and momentum scale the parameters and the buffer (the
+        # parameters' dtype); the Newton-Schulz iteration, with eps and the coefficients,
+        # runs in bfloat16.
+        dtype = narrowest_dtype(group)
+        check_range("lr", group["lr"], 0.0, representable_in=dtype)
+        check_range("weight_decay", group["weight_decay"], 0.0, representable_in=dtype)
+        check_range("momentum", group["momentum"], 0.0, representable_in=dtype)
         coefficients = group["ns_coefficients"]
         if not isinstance(coefficients, (tuple, list)) or len(coefficients) != 3:
             raise ValueError(f"ns_coefficients must be three numbers (a, b, c), got {coefficients!r}")
         for index, value in enumerate(coefficients):
-            check_range(f"ns_coefficients[{index}]", value)
-        check_range("eps", group["eps"], 0.0)
+            check_range(f"ns_coefficients[{index}]", value, representable_in=torch.bfloat16)
+        check_range("eps", group["eps"], 0.0, representable_in=torch.bfloat16)
         steps = group["ns_steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps < 100:
             raise ValueError(f"ns_steps must be an integer in [0, 100), got {steps!r}")
