@@ -243,8 +243,10 @@ BFLOAT16_LARGEST = float(torch.finfo(torch.bfloat16).max)
         (ravine.Adafactor, "float64", dict(eps=(1e100, 1e300)), None),
         # lr, momentum and weight_decay in the parameters' dtype; eps and the
         # Newton-Schulz coefficients in bfloat16, where the iteration runs
-        (ravine.Muon, "float32", dict(lr=1e38, momentum=FLOAT32_LARGEST), None),  # lr is scaled by up to sqrt(rows / cols)
-        (ravine.Muon, "float32", dict(lr=1e39), "lr must be in [0.0, 3.40"),
+        # lr is scaled by sqrt(rows / cols) = sqrt(1.5) for the 3 x 2 weight here
+        (ravine.Muon, "float32", dict(lr=FLOAT32_LARGEST / 1.5**0.5 * 0.999, momentum=FLOAT32_LARGEST), None),
+        (ravine.Muon, "float32", dict(lr=FLOAT32_LARGEST / 1.5**0.5 * 1.001), "lr must be in [0.0, 2.77"),
+        (ravine.Muon, "float32", dict(lr=1e39), "lr must be in [0.0, 2.77"),
         (ravine.Muon, "float32", dict(momentum=1e300), "momentum must be in [0.0, 3.40"),
         (ravine.Muon, "float32", dict(weight_decay=1e39), "weight_decay must be in [0.0, 3.40"),
         (ravine.Muon, "float64", dict(lr=1e300, momentum=1e300), None),

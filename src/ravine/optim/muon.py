@@ -137,7 +137,12 @@ class Muon(RavineOptimizer):
         # parameters' dtype); the Newton-Schulz iteration, with eps and the coefficients,
         # runs in bfloat16.
         dtype = narrowest_dtype(group)
-        check_range("lr", group["lr"], 0.0, representable_in=dtype)
+        largest_lr = None
+        if dtype is not None and group["adjust_lr_fn"] in ADJUST_LR_FNS:
+            # the step applies lr times the shape's adjustment (adjusted_lr), which must fit too
+            ratios = [adjusted_lr(1.0, group["adjust_lr_fn"], p.shape) for p in group["params"] if p.ndim == 2]
+            largest_lr = float(torch.finfo(dtype).max) / max([1.0, *ratios])
+        check_range("lr", group["lr"], 0.0, largest_lr, representable_in=dtype)
         check_range("weight_decay", group["weight_decay"], 0.0, representable_in=dtype)
         check_range("momentum", group["momentum"], 0.0, representable_in=dtype)
         coefficients = group["ns_coefficients"]
