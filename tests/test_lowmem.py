@@ -567,3 +567,21 @@ def test_block_normalization_and_nearest_codes_into_buffers(signed):
     scratch = [torch.empty(flat.numel(), dtype=dtype) for dtype in (torch.int32, torch.int32, torch.float32)]
     codes = _nearest_codes_into(flat, table, midpoints, *scratch)
     assert torch.equal(codes, torch.bucketize(flat, midpoints, out_int32=True))
+
+
+@pytest.mark.parametrize("spec", ["adam-bf16", "adamw-8bit", "momentum-bf16", "momentum-8bit", "lion-8bit"])
+def test_values_that_overflow_the_float32_working_precision_are_refused_before_any_step(spec):
+    """Narrow and quantized state steps compute in float32: an lr or weight decay that
+    would overflow there is refused by name instead of failing halfway through a step."""
+    weight = torch.nn.Parameter(torch.randn(5000))
+    largest = float(torch.finfo(torch.float32).max)
+    for argument in ("lr", "weight_decay"):
+        with pytest.raises(ValueError, match=argument):
+            ravine.create(f"{spec}({argument}={largest * 10:.3e})", [weight])
+    # Adam's first step divides lr by 1 - beta1: the bound is float32's largest times that.
+    if spec.startswith("adam"):
+        with pytest.raises(ValueError, match=r"lr must be in \[0.0, 3.40282\d*e\+37\]"):
+            ravine.create(f"{spec}(lr=1e38)", [weight])
+        optimizer = ravine.create(f"{spec}(lr=3e37)", [weight])
+        weight.grad = torch.ones_like(weight)
+        optimizer.step()  # the largest allowed lr steps without an overflow error

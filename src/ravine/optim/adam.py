@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ravine import transforms as T
 from ravine.optim.base import RavineOptimizer, check_range, scalar
-from ravine.optim.lowmem import check_real_params, resolve_state_dtype, restore_state_dtypes, run_in_working_precision
+from ravine.optim.lowmem import check_real_params, check_working_range, resolve_state_dtype, restore_state_dtypes, run_in_working_precision
 
 __all__ = ["Adam", "AdamW"]
 
@@ -103,6 +103,7 @@ class Adam(RavineOptimizer):
         if group.get("state_dtype") is not None:
             resolve_state_dtype(group["state_dtype"])
             check_real_params(group, "state_dtype")
+            check_working_range(group)
 
     def init_state(self, group, param, state) -> None:
         dtype = resolve_state_dtype(group.get("state_dtype"))

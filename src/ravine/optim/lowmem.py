@@ -68,6 +68,25 @@ def check_real_params(group: dict[str, Any], option: str) -> None:
         raise ValueError(f"{option} supports real parameters only; complex parameters are allowed with {option}=None")
 
 
+def check_working_range(group: dict[str, Any]) -> None:
+    """Raise ``ValueError`` unless ``lr`` and ``weight_decay`` stay finite in the float32
+    working precision of a narrow or quantized state step.
+
+    Adam's first step divides ``lr`` by its bias correction :math:`1 - \\beta_1`, so its
+    ``lr`` is bounded by float32's largest number times that. Checked before the step
+    writes anything, so a value that would overflow mid-step is refused instead.
+    """
+    from ravine.optim.base import check_range, scalar  # base imports this module's users
+
+    largest = float(torch.finfo(torch.float32).max)
+    lr_bound = largest
+    if "amsgrad" in group:  # the Adam family, whose first step divides lr by 1 - beta1
+        beta1 = scalar(group["betas"][0])
+        lr_bound = largest * (1.0 - beta1) if beta1 > 0 else largest
+    check_range("lr", group["lr"], 0.0, lr_bound)
+    check_range("weight_decay", group["weight_decay"], 0.0, largest)
+
+
 def run_in_working_precision(
     rule: Callable[..., None],
     group: dict[str, Any],

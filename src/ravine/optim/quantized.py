@@ -46,7 +46,7 @@ from torch import Tensor
 
 from ravine.optim.adam import Adam
 from ravine.optim.lion import Lion
-from ravine.optim.lowmem import check_real_params, restore_state_dtypes, run_in_working_precision
+from ravine.optim.lowmem import check_real_params, check_working_range, restore_state_dtypes, run_in_working_precision
 from ravine.optim.sgd import SGD
 
 __all__ = [
@@ -244,6 +244,7 @@ class BlockwiseQuantizedState:
     def check_group(self, group: dict[str, Any]) -> None:
         super().check_group(group)
         check_real_params(group, "8-bit state")
+        check_working_range(group)
 
     def block_elements(self, group: dict[str, Any]) -> int:
         return 1 << 62

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ravine import transforms as T
 from ravine.optim.base import RavineOptimizer, check_range, scalar
-from ravine.optim.lowmem import check_real_params, resolve_state_dtype, restore_state_dtypes, run_in_working_precision
+from ravine.optim.lowmem import check_real_params, check_working_range, resolve_state_dtype, restore_state_dtypes, run_in_working_precision
 
 __all__ = ["SGD"]
 
@@ -102,6 +102,7 @@ class SGD(RavineOptimizer):
         if group.get("state_dtype") is not None:
             resolve_state_dtype(group["state_dtype"])
             check_real_params(group, "state_dtype")
+            check_working_range(group)
 
     def state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
