@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -86,6 +87,21 @@ class TestFunction:
         xs = torch.tensor([p[0] for p in self.minima], dtype=torch.float64)
         ys = torch.tensor([p[1] for p in self.minima], dtype=torch.float64)
         return float(self.evaluate(xs, ys).min())
+
+    def height_grid(self, resolution: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """A ``resolution`` x ``resolution`` grid over the window, for contour plots:
+        ``(xs, ys, height)`` with ``height[i, j] = f(xs[j], ys[i]) - lowest``, where
+        ``lowest`` is the smaller of the grid's minimum and :attr:`minimum_value`."""
+        x_min, x_max, y_min, y_max = self.window
+        xs = torch.linspace(x_min, x_max, resolution, dtype=torch.float64)
+        ys = torch.linspace(y_min, y_max, resolution, dtype=torch.float64)
+        grid_x, grid_y = torch.meshgrid(xs, ys, indexing="xy")
+        with torch.no_grad():
+            values = self.evaluate(grid_x, grid_y).numpy()
+        lowest = float(np.nanmin(values))
+        if self.minimum_value is not None:
+            lowest = min(lowest, self.minimum_value)
+        return xs, ys, values - lowest
 
     @property
     def title(self) -> str:

@@ -11,7 +11,6 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from matplotlib import animation
 from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
@@ -197,15 +196,7 @@ def _draw_contours(
     ax: Axes, function: TestFunction, levels: int, resolution: int, filled: bool = True
 ) -> None:
     x_min, x_max, y_min, y_max = function.window
-    xs = torch.linspace(x_min, x_max, resolution, dtype=torch.float64)
-    ys = torch.linspace(y_min, y_max, resolution, dtype=torch.float64)
-    grid_x, grid_y = torch.meshgrid(xs, ys, indexing="xy")
-    with torch.no_grad():
-        values = function(grid_x, grid_y).numpy()
-    lowest = float(np.nanmin(values))
-    if function.minimum_value is not None:
-        lowest = min(lowest, function.minimum_value)
-    height = values - lowest
+    xs, ys, height = function.height_grid(resolution)
     top = float(np.nanmax(height))
     if not (math.isfinite(top) and top > 0):
         return

@@ -15,7 +15,6 @@ from collections import OrderedDict
 from typing import Any
 
 import numpy as np
-import torch
 
 from ravine import registry
 from ravine.landscape import available_functions, get_function, run_many
@@ -52,16 +51,7 @@ def functions() -> list[dict[str, Any]]:
 def contour(name: str) -> dict[str, Any]:
     """``log10(f - lowest + tiny)`` on a grid over the function's window, for a contour plot."""
     function = get_function(name)
-    x_min, x_max, y_min, y_max = function.window
-    xs = torch.linspace(x_min, x_max, GRID, dtype=torch.float64)
-    ys = torch.linspace(y_min, y_max, GRID, dtype=torch.float64)
-    grid_x, grid_y = torch.meshgrid(xs, ys, indexing="xy")
-    with torch.no_grad():
-        values = function(grid_x, grid_y).numpy()
-    lowest = float(np.nanmin(values))
-    if function.minimum_value is not None:
-        lowest = min(lowest, function.minimum_value)
-    height = values - lowest
+    xs, ys, height = function.height_grid(GRID)
     positive = height[height > 0]
     floor = float(np.percentile(positive, 0.5)) if positive.size else 1.0
     levels = np.log10(np.maximum(height, floor))
