@@ -26,6 +26,7 @@ import torch
 
 from ravine import registry
 from ravine.clip import clip_grad_norm_
+from ravine.optim import lowmem
 from ravine.optim.schedulefree import evaluation_mode
 from ravine.arena.tasks import Task, get_task
 
@@ -139,13 +140,9 @@ class RunResult:
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in ``optimizer.state_dict()["state"]`` (step counters included)."""
-    total = 0
-    for state in optimizer.state_dict()["state"].values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                total += value.nelement() * value.element_size()
-    return total
+    """Bytes of every tensor in the optimizer's per-parameter state (step counters
+    included): :func:`ravine.optim.lowmem.state_bytes`."""
+    return lowmem.state_bytes(optimizer)
 
 
 @torch.no_grad()
