@@ -398,6 +398,17 @@ class _StudyWork:
         self.claimed.add(_key(trial.params))
         return trial
 
+    def prune_stale_queue(self) -> None:
+        """Prune queued copies of parameter sets that have finished. Two workers that
+        queue the same missing trial at once leave one copy behind when the other copy
+        runs; once the unit is done nobody would take it, and it would stay WAITING."""
+        if self.wanted is None:
+            return
+        finished = {_key(trial.params) for trial in self.complete}
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            if _key(trial.system_attrs.get("fixed_params", {})) in finished:
+                _set_state(self.study, trial, TrialState.PRUNED)
+
     def release(self, trial: optuna.Trial) -> None:
         self.claimed.discard(_key(trial.params))
 
@@ -418,8 +429,12 @@ class _StudyWork:
 
 
 def _fail(study: optuna.Study, trial: Any) -> None:
+    _set_state(study, trial, TrialState.FAIL)
+
+
+def _set_state(study: optuna.Study, trial: Any, state: TrialState) -> None:
     try:
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        study._storage.set_trial_state_values(trial._trial_id, state)
     except Exception:  # already finished by its worker, or claimed by another: fine
         pass
 
@@ -732,6 +747,9 @@ def run_sweep(config: SweepConfig, progress: SweepProgress | None = None) -> Swe
                     inflight[_submit(executor, config, task.data.num_train, batch, progress)] = batch
             if not inflight:
                 if all(plan.done() for plan in plans):
+                    for plan in plans:
+                        for unit in plan.units():
+                            unit.prune_stale_queue()
                     break
                 progress.waiting("waiting for trials that other workers are running")
                 time.sleep(_POLL_S)
