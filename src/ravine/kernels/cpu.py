@@ -1,7 +1,10 @@
-"""The compiled CPU step: building, loading and calling ``cpu_step.cpp``.
+"""The compiled CPU steps: building, loading and calling the C++ files of this folder.
 
-The kernel is plain C++ with no dependency on torch's headers, so it compiles in
-about a second with the system compiler (``c++``, or ``$CXX``) and is called through
+``cpu_step.cpp`` holds the element-wise families (SGD, Adam, ...); other files hold
+steps that are not element-wise (one per optimizer, each with its own entry point),
+and ``common.h`` what they share. They are compiled together into one library.
+The kernels are plain C++ with no dependency on torch's headers, so they compile in
+seconds with the system compiler (``c++``, or ``$CXX``) and is called through
 :mod:`ctypes`. It is built on first use into torch's extension directory
 (``~/.cache/torch_extensions``, or ``$TORCH_EXTENSIONS_DIR``), under a name that
 hashes the source, the compiler flags and the CPU, and loaded from there afterwards.
@@ -31,9 +34,19 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["KernelUnavailable", "load", "unavailable_reason", "build_info", "set_exact_sqrt", "step"]
+__all__ = ["KernelUnavailable", "load", "exact", "unavailable_reason", "build_info", "set_exact_sqrt", "step"]
 
-SOURCE = Path(__file__).with_name("cpu_step.cpp")
+HERE = Path(__file__).parent
+SOURCE = HERE / "cpu_step.cpp"
+
+
+def _sources() -> list[Path]:
+    """Every C++ file compiled into the library, in a fixed order."""
+    return sorted(HERE.glob("*.cpp"))
+
+
+def _headers() -> list[Path]:
+    return sorted(HERE.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 ABI_VERSION = 1
 
@@ -85,7 +98,8 @@ def _library_path(compiler: str) -> Path:
     except (OSError, subprocess.SubprocessError):
         version = ""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_signature().encode()):
+    sources = [path.read_bytes() for path in (*_sources(), *_headers())]
+    for part in (*sources, " ".join(FLAGS).encode(), version.encode(), _cpu_signature().encode()):
         key.update(part)
         key.update(b"\0")
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
@@ -99,10 +113,11 @@ def _compile(compiler: str, target: Path) -> None:
     os.close(handle)
     try:
         result = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", temporary], capture_output=True, text=True, timeout=300
+            [compiler, *FLAGS, *map(str, _sources()), "-o", temporary], capture_output=True, text=True, timeout=600
         )
         if result.returncode != 0:
-            raise KernelUnavailable(f"compiling {SOURCE.name} with {compiler} failed: {result.stderr.strip()[-2000:]}")
+            names = ", ".join(path.name for path in _sources())
+            raise KernelUnavailable(f"compiling {names} with {compiler} failed: {result.stderr.strip()[-2000:]}")
         os.replace(temporary, target)
     finally:
         if os.path.exists(temporary):
@@ -190,6 +205,13 @@ def set_exact_sqrt(enabled: bool) -> bool:
     if _library is not None:
         _apply_sqrt(_library)
     return _info["vml_sqrt"] if _library is not None else _exact_sqrt
+
+
+def exact() -> bool:
+    """Whether results must be bit-equal to torch.optim's (``RAVINE_EXACT_SQRT=1`` or
+    :func:`set_exact_sqrt`). Compiled steps that cannot be bit-equal (their norms are
+    summed in another order than torch's) leave the work to the plain path then."""
+    return _exact_sqrt
 
 
 def load() -> ctypes.CDLL:

@@ -145,6 +145,11 @@ class RavineOptimizer(torch.optim.Optimizer):
     reads_step_counts = True
     #: Whether sparse gradients are accepted (see :meth:`sparse_update`).
     supports_sparse = False
+    #: Whether the optimizer has a compiled step of its own, which its :meth:`update`
+    #: calls when :meth:`use_compiled_step` says so (steps that are not element-wise,
+    #: such as Adafactor's and LAMB's). Element-wise optimizers are described in
+    #: :mod:`ravine.kernels.fast` instead and need no code in :meth:`update`.
+    own_compiled_step = False
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, impl: str = "auto") -> None:
         self.gradient_transforms: list[Callable[[list[Tensor]], Any]] = []
@@ -152,7 +157,7 @@ class RavineOptimizer(torch.optim.Optimizer):
         #: param groups so that state_dicts stay torch.optim's.
         self.impl = _fast.check_impl(impl)
         if impl == "fast":
-            if _fast.spec_for(self) is None:
+            if _fast.spec_for(self) is None and not self.own_compiled_step:
                 raise ValueError(f"impl='fast': {type(self).__name__} has no compiled step (use impl='auto' or 'plain')")
             reason = _cpu.unavailable_reason()
             if reason is not None:
@@ -432,6 +437,27 @@ class RavineOptimizer(torch.optim.Optimizer):
             block_steps = [steps[index] for index in block.indices]
             self.update(group, block.params, block.grads(), block.states, block_steps)
 
+
+    def use_compiled_step(self, bit_equal: bool) -> bool:
+        """Whether :meth:`update` should call the optimizer's own compiled step.
+
+        ``impl="plain"``: no. ``impl="fast"``: yes (the constructor has checked that
+        the library builds). ``impl="auto"``: yes when the library builds (else a
+        warning, once, and the plain path), except in exact mode (``RAVINE_EXACT_SQRT=1``,
+        results bit-equal to torch.optim's) when the step is not ``bit_equal``.
+        """
+        impl = getattr(self, "impl", "auto")
+        if impl == "plain" or not self.own_compiled_step:
+            return False
+        if impl == "auto" and not bit_equal and _cpu.exact():
+            return False
+        reason = _cpu.unavailable_reason()
+        if reason is not None:
+            if impl == "fast":
+                raise _cpu.KernelUnavailable(f"impl='fast': the compiled CPU step is unavailable: {reason}")
+            _warn_once(reason)
+            return False
+        return True
 
     def _fast_spec(self, group: dict[str, Any], impl: str) -> _fast.Spec | None:
         """The compiled step's spec for ``group``, or None for the plain path."""
