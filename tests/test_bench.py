@@ -50,7 +50,7 @@ def test_bench_step_rejects_unknown_optimizer():
 NEW_ROWS = {
     # row: (implementations, baseline keys, matrices)
     "lion": ({"ravine plain (baseline)", "ravine"}, {"ravine plain (baseline)"}, False),
-    "lamb": ({"ravine (plain, baseline)"}, {"ravine (plain, baseline)"}, False),
+    "lamb": ({"ravine plain (baseline)", "ravine"}, {"ravine plain (baseline)"}, False),
     "signum": ({"ravine plain (baseline)", "ravine"}, {"ravine plain (baseline)"}, False),
     "signsgd": ({"ravine plain (baseline)", "ravine"}, {"ravine plain (baseline)"}, False),
     "sfadamw": ({"schedulefree for-loop", "schedulefree foreach", "ravine"}, {"schedulefree for-loop", "schedulefree foreach"}, False),

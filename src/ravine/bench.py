@@ -116,8 +116,8 @@ def _algorithms() -> dict[str, Algorithm]:
             has_target=False, ravine_baseline="plain", default=True,
         ),
         "lamb": Algorithm(
-            None, ravine.Lamb, {"lr": 1e-3, "weight_decay": 0.01}, 40, (), ("default",),
-            has_target=False, ravine_baseline="default", default=True,
+            None, ravine.Lamb, {"lr": 1e-3, "weight_decay": 0.01}, 40, (), ("plain", "default"),
+            has_target=False, ravine_baseline="plain", default=True,
         ),
         "signum": Algorithm(
             None, ravine.Signum, {"lr": 1e-3, "momentum": 0.9}, 20, (), ("plain", "default"),

@@ -50,7 +50,7 @@ def _headers() -> list[Path]:
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 ABI_VERSION = 1
 
-FAMILIES = {"sgd": 0, "adagrad": 1, "rmsprop": 2, "adam": 3, "adamax": 4, "nadam": 5, "radam": 6, "lion": 7, "signum": 8}
+FAMILIES = {"sgd": 0, "adagrad": 1, "rmsprop": 2, "adam": 3, "adamax": 4, "nadam": 5, "radam": 6, "lion": 7, "signum": 8, "sfadamw": 9, "sfsgd": 10}
 DTYPES = {torch.float32: 0, torch.float64: 1}
 
 

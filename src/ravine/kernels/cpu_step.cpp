@@ -28,7 +28,8 @@ namespace {
 using namespace ravine_kernels;
 
 // Hyperparameters, in the order ravine.kernels.cpu passes them.
-enum Family { SGD = 0, ADAGRAD = 1, RMSPROP = 2, ADAM = 3, ADAMAX = 4, NADAM = 5, RADAM = 6, LION = 7, SIGNUM = 8 };
+enum Family { SGD = 0, ADAGRAD = 1, RMSPROP = 2, ADAM = 3, ADAMAX = 4, NADAM = 5, RADAM = 6, LION = 7, SIGNUM = 8,
+              SF_ADAMW = 9, SF_SGD = 10 };
 enum Flags {
   MAXIMIZE = 1,
   NESTEROV = 2,       // SGD
@@ -434,6 +435,78 @@ void signum(T** slots, int64_t start, int64_t n, const double* hp, const double*
   });
 }
 
+// Schedule-free AdamW and SGD (Defazio et al., 2024), bit-equal to the schedulefree
+// package's step and to ravine's plain path. The parameter holds y; with the
+// direction d and the averaging weight c of the step:
+//   [d <- d + wd y]           (add with alpha: one FMA, decay taken at the old y)
+//   y <- lerp(y, z, c)
+//   y <- y + lr (beta (1 - c) - 1) d   (add with alpha: one FMA)
+//   z <- z - lr d                      (sub with alpha: one FMA)
+// hp: weight_decay, c, lr (beta (1 - c) - 1), -lr, then for AdamW beta2, 1 - beta2,
+// 1 - beta2^k, eps. Slots: param, grad, z, [exp_avg_sq].
+template <typename T, bool WeightDecay, bool Small>
+struct ScheduleFreeMove {
+  static constexpr bool kWeightDecay = WeightDecay, kSmall = Small;
+  T* __restrict param;
+  T* __restrict z;
+  T weight_decay, averaging, averaging_minus_one, y_scale, neg_lr;
+  inline void operator()(int64_t j, T d) const {
+    const T y = param[j], zj = z[j];
+    if (WeightDecay) d = fused(y, weight_decay, d);
+    param[j] = fused(d, y_scale, lerp(y, zj, averaging, averaging_minus_one, Small));
+    z[j] = fused(d, neg_lr, zj);
+  }
+};
+
+// AdamW's direction: v <- beta2 v + (1 - beta2) g^2 (a multiply, then addcmul: one
+// FMA), d = g / (sqrt(v / (1 - beta2^k)) + eps).
+template <typename T, bool WeightDecay, bool Small>
+struct ScheduleFreeAdamWRule {
+  ScheduleFreeMove<T, WeightDecay, Small> move;
+  const T* __restrict grad;
+  T* __restrict exp_avg_sq;
+  T beta2, one_minus_beta2, bias_correction2, eps;
+  inline T front(int64_t j, T& g) const {
+    g = grad[j];
+    const T v = fused(one_minus_beta2 * g, g, exp_avg_sq[j] * beta2);
+    exp_avg_sq[j] = v;
+    return v / bias_correction2;
+  }
+  inline void back(int64_t j, T root, T g) const { move(j, g / (root + eps)); }
+};
+
+template <typename T, typename F>
+inline void with_schedule_free_move(T** slots, int64_t start, const double* hp, int64_t flags, F&& f) {
+  const T averaging = static_cast<T>(hp[1]);
+  with_bool(flags & HAS_WEIGHT_DECAY, [&](auto wd) {
+    with_bool(std::abs(averaging) < T(0.5), [&](auto sm) {
+      f(ScheduleFreeMove<T, decltype(wd)::value, decltype(sm)::value>{
+          slots[0] + start, slots[2] + start, static_cast<T>(hp[0]), averaging, averaging - T(1),
+          static_cast<T>(hp[2]), static_cast<T>(hp[3])});
+    });
+  });
+}
+
+template <typename T>
+void schedule_free_adamw(T** slots, int64_t start, int64_t n, const double* hp, const double*, int64_t flags) {
+  with_schedule_free_move<T>(slots, start, hp, flags, [&](auto move) {
+    using Move = decltype(move);
+    ScheduleFreeAdamWRule<T, Move::kWeightDecay, Move::kSmall> rule{
+        move, slots[1] + start, slots[3] + start, static_cast<T>(hp[4]), static_cast<T>(hp[5]),
+        static_cast<T>(hp[6]), static_cast<T>(hp[7])};
+    split_at_sqrt<T>(rule, n);
+  });
+}
+
+template <typename T>
+void schedule_free_sgd(T** slots, int64_t start, int64_t n, const double* hp, const double*, int64_t flags) {
+  with_schedule_free_move<T>(slots, start, hp, flags, [&](auto move) {
+    const T* __restrict grad = slots[1] + start;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < n; ++j) move(j, grad[j]);
+  });
+}
+
 template <typename T>
 void run(int64_t family, int64_t n_items, const int64_t* items, const int64_t* pointers, int64_t n_slots,
          const double* per_tensor, int64_t n_per, const double* hp, int64_t flags, int64_t threads) {
@@ -453,6 +526,8 @@ void run(int64_t family, int64_t n_items, const int64_t* items, const int64_t* p
       case RADAM: radam<T>(slots, start, length, hp, per, flags); break;
       case LION: lion<T>(slots, start, length, hp, per, flags); break;
       case SIGNUM: signum<T>(slots, start, length, hp, per, flags); break;
+      case SF_ADAMW: schedule_free_adamw<T>(slots, start, length, hp, per, flags); break;
+      case SF_SGD: schedule_free_sgd<T>(slots, start, length, hp, per, flags); break;
     }
   }
 }

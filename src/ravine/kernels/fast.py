@@ -217,6 +217,32 @@ def _signum(group, steps):
     return flags, [momentum, 1 - momentum, -lr, 1 - lr * weight_decay], {0.0: []}
 
 
+def _schedule_free(group, interpolation: float, extra: list[float]):
+    """Schedule-free AdamW and SGD; the group's counters (``k``, ``scheduled_lr``,
+    ``weight_sum``) have been advanced for this step. The same expressions as
+    ``_ScheduleFree._move``."""
+    from ravine.optim.schedulefree import _ScheduleFree
+
+    lr = group["scheduled_lr"]
+    averaging = _ScheduleFree._averaging(group)
+    weight_decay = T.scalar(group["weight_decay"])
+    flags = HAS_WEIGHT_DECAY * (weight_decay != 0)
+    hp = [weight_decay, averaging, lr * (interpolation * (1 - averaging) - 1), -lr, *extra]
+    return flags, hp, {0.0: []}
+
+
+def _schedule_free_adamw(group, steps):
+    if not _is_number(group["eps"]):
+        return None
+    beta1, beta2 = (T.scalar(beta) for beta in group["betas"])
+    # The same expressions as ScheduleFreeAdamW.update.
+    return _schedule_free(group, beta1, [beta2, 1 - beta2, 1 - beta2 ** group["k"], group["eps"]])
+
+
+def _schedule_free_sgd(group, steps):
+    return _schedule_free(group, T.scalar(group["momentum"]), [])
+
+
 def _specs() -> dict[type, Spec]:
     from ravine.optim.adagrad import Adagrad
     from ravine.optim.adam import Adam, AdamW
@@ -225,6 +251,7 @@ def _specs() -> dict[type, Spec]:
     from ravine.optim.nadam import NAdam
     from ravine.optim.radam import RAdam
     from ravine.optim.rmsprop import RMSprop
+    from ravine.optim.schedulefree import ScheduleFreeAdamW, ScheduleFreeSGD
     from ravine.optim.sgd import SGD
     from ravine.optim.signum import Signum
 
@@ -239,6 +266,8 @@ def _specs() -> dict[type, Spec]:
         RAdam: Spec("radam", _radam, 4),
         Lion: Spec("lion", _lion, 0),
         Signum: Spec("signum", _signum, 0),
+        ScheduleFreeAdamW: Spec("sfadamw", _schedule_free_adamw, 0),
+        ScheduleFreeSGD: Spec("sfsgd", _schedule_free_sgd, 0),
     }
 
 

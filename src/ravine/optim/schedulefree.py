@@ -167,11 +167,12 @@ class _ScheduleFree(RavineOptimizer):
         except OverflowError:  # huge r or weight_lr_power: the newest point outweighs all
             return math.inf
 
-    def _averaging(self, group: dict[str, Any]) -> float:
+    @classmethod
+    def _averaging(cls, group: dict[str, Any]) -> float:
         """:math:`c_{k} = w_k / \\sum_{i \\le k} w_i` of the step just counted (0 if the
         sum is 0; 1 if the weight overflowed, the limit of ever larger weights)."""
         weight_sum = group["weight_sum"]
-        weight = self._weight(group, group["k"])
+        weight = cls._weight(group, group["k"])
         if weight_sum == 0:
             return 0.0
         if math.isinf(weight):
@@ -225,6 +226,10 @@ class ScheduleFreeAdamW(_ScheduleFree):
         weight_lr_power: power :math:`p` of the largest learning rate so far in the
             weights (>= 0), so warmup steps count little in the average.
         foreach: accepted for compatibility; ravine always works on lists of tensors.
+        impl: (ravine only, keyword) ``"auto"``, ``"plain"`` or ``"fast"``, the
+            implementation that runs the step (see :mod:`ravine.optim.base`); the
+            compiled step is bit-equal to the plain path with ``RAVINE_EXACT_SQRT=1``
+            (square roots aside, within one unit in the last place, otherwise).
     """
 
     def __init__(
@@ -238,6 +243,8 @@ class ScheduleFreeAdamW(_ScheduleFree):
         r: float = 0.0,
         weight_lr_power: float = 2.0,
         foreach: bool | None = None,
+        *,
+        impl: str = "auto",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -255,7 +262,7 @@ class ScheduleFreeAdamW(_ScheduleFree):
             "foreach": foreach,
         }
         self.check_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, impl=impl)
 
     def check_group(self, group: dict[str, Any]) -> None:
         self._check_schedule(group)
@@ -298,7 +305,8 @@ class ScheduleFreeSGD(_ScheduleFree):
         lr: :math:`\eta` >= 0.
         momentum: :math:`\beta` in (0, 1).
         weight_decay: :math:`\lambda` >= 0, applied at :math:`y`.
-        warmup_steps, r, weight_lr_power, foreach: as :class:`ScheduleFreeAdamW`.
+        warmup_steps, r, weight_lr_power, foreach, impl: as :class:`ScheduleFreeAdamW`
+            (the compiled step takes no square root: always bit-equal).
     """
 
     def __init__(
@@ -311,6 +319,8 @@ class ScheduleFreeSGD(_ScheduleFree):
         r: float = 0.0,
         weight_lr_power: float = 2,
         foreach: bool | None = None,
+        *,
+        impl: str = "auto",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -327,7 +337,7 @@ class ScheduleFreeSGD(_ScheduleFree):
             "foreach": foreach,
         }
         self.check_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, impl=impl)
 
     def check_group(self, group: dict[str, Any]) -> None:
         self._check_schedule(group)
