@@ -113,7 +113,10 @@ void second_pass(const Rule& rule, int64_t start, int64_t n, T scale) {
     const int64_t m = std::min(kChunk, start + n - base);
     roots_of(rule.exp_avg_sq + base, roots, m);
 #pragma GCC ivdep
-    for (int64_t i = 0; i < m; ++i) rule.param[base + i] = rule.param[base + i] + rule.update(base + i, roots[i]) * scale;
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t j = base + i;
+      rule.param[j] = rule.param[j] + rule.update(j, roots[i]) * scale;
+    }
   }
 }
 

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ravine import transforms as T
 from ravine.kernels import cpu
-from ravine.kernels.fast import ITEM_ELEMENTS, PARALLEL_ELEMENTS
+from ravine.kernels import fast as _fast
 from ravine.optim.base import RavineOptimizer, check_range, scalar
 from ravine.optim.lion import check_betas
 
@@ -226,7 +226,8 @@ class _Part:
         items = []
         for row, i in enumerate(indices):
             numel = params[i].numel()
-            items.extend((row, start, min(ITEM_ELEMENTS, numel - start)) for start in range(0, numel, ITEM_ELEMENTS))
+            size = _fast.ITEM_ELEMENTS
+            items.extend((row, start, min(size, numel - start)) for start in range(0, numel, size))
         self.items = np.array(items, dtype=np.int64).reshape(-1, 3)
         self.numel = sum(params[i].numel() for i in indices)
         self.per_tensor = np.zeros((len(indices), 2), dtype=np.float64)
@@ -244,12 +245,12 @@ class _Part:
             column[row] = grad.data_ptr()
         return True
 
-    def run(self, library, hyperparameters: np.ndarray, flags: int, scalars: dict[float, tuple[float, float]], steps) -> None:
+    def run(self, library, hyperparameters: np.ndarray, flags: int, scalars: dict[float, tuple], steps) -> None:
         if len(scalars) == 1:
             self.per_tensor[:] = next(iter(scalars.values()))
         else:
             self.per_tensor[:] = [scalars[steps[i]] for i in self.indices]
-        threads = torch.get_num_threads() if self.numel >= PARALLEL_ELEMENTS else 1
+        threads = torch.get_num_threads() if self.numel >= _fast.PARALLEL_ELEMENTS else 1
         library.ravine_lamb_step(
             cpu.DTYPES[self.dtype], self.items.shape[0], self.items.ctypes.data, len(self.indices),
             self.pointers.ctypes.data, self.per_tensor.ctypes.data, hyperparameters.ctypes.data, flags,
