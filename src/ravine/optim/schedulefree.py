@@ -30,6 +30,12 @@ ways. Two differences: a fresh optimizer starts in train mode (the reference sta
 eval mode and needs ``train()`` before its first step; before any step :math:`x = y =
 z` and the switch moves nothing), and gradients are left as they were (the reference
 overwrites them with the normalised direction).
+
+On the CPU the step runs compiled where it can (``impl``, :mod:`ravine.kernels`): one
+pass over y, z, the gradient and AdamW's second moment, with the package's operations
+in its order, so bit-equal to it (AdamW's square roots aside, which are torch's own
+with ``RAVINE_EXACT_SQRT=1`` and the hardware's, within one unit in the last place,
+by default).
 """
 
 from __future__ import annotations
