@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ravine import transforms as T
+from ravine.kernels import adafactor as _compiled_step
 from ravine.optim.base import RavineOptimizer, check_range, narrowest_dtype, scalar
 
 __all__ = ["Adafactor"]
@@ -52,12 +53,20 @@ class Adafactor(RavineOptimizer):
         dtype (torch applies the first parameter's to every parameter of a step, which
         differs only in a group that mixes dtypes). d: clipping threshold :math:`d` >= 1
         of the update's RMS. weight_decay: :math:`\lambda` >= 0 (decoupled). maximize:
-        ascend instead of descend.
+        ascend instead of descend. impl (ravine only, keyword): ``"auto"``, ``"plain"``
+        or ``"fast"``, the implementation that runs the step (see
+        :mod:`ravine.optim.base`). The compiled step (:mod:`ravine.kernels.adafactor`)
+        sums the norms in double and in another order than torch, so it equals
+        torch's results within rounding; in exact mode (``RAVINE_EXACT_SQRT=1``)
+        ``"auto"`` keeps the plain path, which is bit-equal.
     """
 
     #: The step size depends on the whole tensor's RMS: coordinates are not independent.
     elementwise = False
     real_view_for_complex = False
+    #: The compiled step (ravine/kernels/adafactor.cpp) sums norms in another order
+    #: than torch, so it is equal within rounding: exact mode keeps the plain path.
+    own_compiled_step = True
 
     def __init__(
         self,
@@ -70,6 +79,7 @@ class Adafactor(RavineOptimizer):
         *,
         foreach: bool | None = None,
         maximize: bool = False,
+        impl: str = "auto",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -81,7 +91,7 @@ class Adafactor(RavineOptimizer):
             "maximize": maximize,
         }
         self.check_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, impl=impl)
 
     def check_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
@@ -129,6 +139,25 @@ class Adafactor(RavineOptimizer):
         return sys.maxsize
 
     def update(self, group, params, grads, states, steps) -> None:
+        if self.use_compiled_step(bit_equal=False):
+            # One compiled call per dtype for every parameter it takes (dense,
+            # contiguous float32/float64 CPU tensors); the rest take the plain path.
+            kept = self.__dict__.setdefault("_compiled", {})
+            compiled = kept.get(id(group))
+            if compiled is None or not compiled.still_valid(params, states, self.state):
+                if len(kept) > 64:
+                    kept.clear()
+                compiled = kept[id(group)] = _compiled_step.build(params, states, self.state)
+            rest = compiled.step(group, grads, steps)
+            if not rest:
+                return
+            params = [params[i] for i in rest]
+            grads = [grads[i] for i in rest]
+            steps = [steps[i] for i in rest]
+        self.plain_update(group, params, grads, steps)
+
+    def plain_update(self, group, params, grads, steps) -> None:
+        """The update rule with torch's operations, one parameter at a time."""
         lr = group["lr"]
         eps1, eps2 = group["eps"]
         if group["maximize"]:

@@ -1,0 +1,196 @@
+"""Adafactor's compiled CPU step (``adafactor.cpp``), called by :class:`ravine.Adafactor`.
+
+A group's parameters are described once in flat tables (pointers, shapes; one table
+per dtype), kept between steps and rebuilt when the parameters or their state change.
+A step then fills one small array of per-step scalars and makes one library call per
+dtype for every tensor: no per-tensor Python work besides reading the gradients'
+addresses, and no ``.item()``. The kernel takes dense, contiguous float32 and float64
+CPU tensors with state of the same dtype; the others are left to the plain path, in
+the same step.
+
+The norms (the parameter's RMS for the relative step size, the update's RMS for
+clipping, the row and column means) are summed in double and in another order than
+torch's, so results equal torch.optim.Adafactor's within rounding, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ravine import transforms as T
+from ravine.kernels import cpu
+
+__all__ = ["CompiledGroup", "build"]
+
+# Flags shared with adafactor.cpp.
+MAXIMIZE, HAS_WEIGHT_DECAY = 1, 2
+# Columns of the tensor table: param, grad, row_var (or variance), col_var (or 0),
+# batch, rows, cols, shared.
+COLUMNS = 8
+GRAD = 1
+# A tensor of at least this many elements is shared by every thread (cut into row
+# ranges); smaller ones go whole to one thread, where their three passes stay in cache.
+SHARED_ELEMENTS = 1 << 18
+# Below this many elements in a call one thread is faster than waking others.
+PARALLEL_ELEMENTS = 1 << 15
+
+_configured: ctypes.CDLL | None = None
+
+
+def _library() -> ctypes.CDLL:
+    global _configured
+    library = cpu.load()
+    if _configured is not library:
+        library.ravine_adafactor_step.restype = None
+        library.ravine_adafactor_step.argtypes = [
+            ctypes.c_int64,  # dtype
+            ctypes.c_int64,  # number of tensors
+            ctypes.c_void_p,  # table
+            ctypes.c_void_p,  # per-tensor scalars
+            ctypes.c_void_p,  # hyperparameters
+            ctypes.c_int64,  # flags
+            ctypes.c_int64,  # threads
+        ]
+        _configured = library
+    return library
+
+
+def _eligible(p: Tensor, state: dict[str, Any]) -> bool:
+    if type(p.data) is not torch.Tensor:  # a tensor subclass (DTensor) has no plain storage
+        return False
+    if p.device.type != "cpu" or p.dtype not in cpu.DTYPES or p.is_sparse or not p.is_contiguous():
+        return False
+    if p.dim() > 1:
+        row_var, col_var = state.get("row_var"), state.get("col_var")
+        shapes = ((*p.shape[:-1], 1), (*p.shape[:-2], 1, p.shape[-1]))
+        buffers = ((row_var, shapes[0]), (col_var, shapes[1]))
+    else:
+        buffers = ((state.get("variance"), p.shape),)
+    return all(
+        isinstance(b, Tensor) and type(b) is torch.Tensor and b.dtype == p.dtype and b.device == p.device
+        and tuple(b.shape) == tuple(shape) and b.is_contiguous()
+        for b, shape in buffers
+    )
+
+
+class _Part:
+    """The parameters of one dtype: their table and per-step scalars."""
+
+    def __init__(self, dtype: torch.dtype, indices: list[int], params: list[Tensor], states: list[dict]) -> None:
+        self.dtype = dtype
+        self.indices = indices
+        self.table = np.zeros((len(indices), COLUMNS), dtype=np.int64)
+        numel = 0
+        for row, (p, state) in enumerate(zip(params, states)):
+            if p.dim() > 1:
+                rows, cols = p.shape[-2], p.shape[-1]
+                batch = p.numel() // (rows * cols)
+                buffers = (state["row_var"].data_ptr(), state["col_var"].data_ptr())
+            else:
+                batch, rows, cols = 1, 1, p.numel()
+                buffers = (state["variance"].data_ptr(), 0)
+            self.table[row] = (p.data_ptr(), 0, *buffers, batch, rows, cols, p.numel() >= SHARED_ELEMENTS)
+            numel += p.numel()
+        self.numel = numel
+        self.per_tensor = np.zeros((len(indices), 2), dtype=np.float64)
+        self.index_array = np.asarray(indices, dtype=np.int64)
+
+
+class CompiledGroup:
+    """What the compiled step keeps for one group's parameters between steps.
+
+    ``rest`` lists the positions of the parameters the kernel cannot take (they go to
+    the plain path). Valid while the same parameter and state lists come back (the
+    optimizer rebuilds them whenever a parameter or its state is replaced).
+    """
+
+    def __init__(self, params: list[Tensor], states: list[dict], state_table: dict) -> None:
+        self.params = params
+        self.states = states
+        self.state_table = state_table
+        full = [state_table.get(p, {}) for p in params]
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        self.rest: list[int] = []
+        for index, (p, state) in enumerate(zip(params, full)):
+            if p.numel() == 0:
+                continue  # nothing to update
+            if _eligible(p, state):
+                by_dtype.setdefault(p.dtype, []).append(index)
+            else:
+                self.rest.append(index)
+        self.parts = [
+            _Part(dtype, indices, [params[i] for i in indices], [full[i] for i in indices])
+            for dtype, indices in by_dtype.items()
+        ]
+        self.state_count = len(state_table)
+
+    def still_valid(self, params: list[Tensor], states: list[dict], state_table: dict) -> bool:
+        return (
+            params is self.params
+            and states is self.states
+            and state_table is self.state_table
+            and len(state_table) == self.state_count
+        )
+
+    def step(self, group: dict[str, Any], grads: list[Tensor], steps: list[float]) -> list[int]:
+        """Update the parameters the kernel takes; return the positions left to the
+        plain path (those of ``rest``, and any whose gradient is not dense and
+        contiguous in the parameter's dtype)."""
+        library = _library()
+        lr = T.scalar(group["lr"])
+        eps1, eps2 = group["eps"]
+        weight_decay = group["weight_decay"]
+        flags = MAXIMIZE * bool(group["maximize"]) | HAS_WEIGHT_DECAY * (weight_decay != 0)
+        decay = T.scalar(1 - lr * weight_decay) if weight_decay != 0 else 1.0
+        # The step-dependent scalars, with the plain path's expressions, once per count.
+        per_step = {
+            step: (step ** group["beta2_decay"], min(lr, 1 / (step**0.5))) for step in set(steps)
+        }
+        rest = list(self.rest)
+        threads_available = torch.get_num_threads()
+        for part in self.parts:
+            table = part.table
+            skipped = []
+            for row, index in enumerate(part.indices):
+                grad = grads[index]
+                if grad.is_sparse or grad.dtype != part.dtype or not grad.is_contiguous():
+                    skipped.append(row)
+                    table[row, GRAD] = 0
+                else:
+                    table[row, GRAD] = grad.data_ptr()
+            if len(per_step) == 1:
+                part.per_tensor[:] = next(iter(per_step.values()))
+            else:
+                part.per_tensor[:] = [per_step[steps[i]] for i in part.indices]
+            if skipped:
+                rest.extend(part.indices[row] for row in skipped)
+                keep = np.ones(len(part.indices), dtype=bool)
+                keep[skipped] = False
+                table, per_tensor = np.ascontiguousarray(table[keep]), np.ascontiguousarray(part.per_tensor[keep])
+            else:
+                per_tensor = part.per_tensor
+            if table.shape[0] == 0:
+                continue
+            epsilon1 = torch.finfo(part.dtype).eps if eps1 is None else eps1
+            hyperparameters = np.asarray([epsilon1, eps2, group["d"], decay], dtype=np.float64)
+            threads = threads_available if part.numel >= PARALLEL_ELEMENTS else 1
+            library.ravine_adafactor_step(
+                cpu.DTYPES[part.dtype],
+                table.shape[0],
+                table.ctypes.data,
+                per_tensor.ctypes.data,
+                hyperparameters.ctypes.data,
+                flags,
+                threads,
+            )
+        rest.sort()
+        return rest
+
+
+def build(params: list[Tensor], states: list[dict], state_table: dict) -> CompiledGroup:
+    return CompiledGroup(params, states, state_table)
