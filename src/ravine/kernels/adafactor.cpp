@@ -13,9 +13,10 @@
 // A tensor takes three passes: (1) param and grad are read for the sum of squares of
 // param and the row and column sums of G^2, (2) U is computed for its sum of squares
 // (the clipping RMS), (3) U is computed again and param is written. U is never stored.
-// A tensor small enough to sit in cache goes whole to one thread, so its three passes
-// cost about one trip to memory; a large one is cut into row ranges shared by every
-// thread (column sums then go through per-thread partial sums). Sums are accumulated
+// A tensor goes whole to one thread when there are enough tensors to keep every
+// thread busy (its three passes then run in that core's cache when it fits); a
+// tensor too large for that is cut into row ranges shared by every thread (column
+// sums then go through per-thread partial sums). Sums are accumulated
 // in double; the element-wise operations round as torch's do (lerp as in common.h,
 // the estimate as a rounded product, a rounded quotient and torch.maximum, 1/sqrt
 // as two rounded operations, the final add as one FMA), with the hardware square
@@ -31,15 +32,20 @@ namespace {
 using namespace ravine_kernels;
 
 // Columns of the tensor table, in the order ravine.optim.adafactor writes them.
-enum Column { PARAM = 0, GRAD, ROW_VAR, COL_VAR, BATCH, ROWS, COLS, SHARED, N_COLUMNS };
-// Per-tensor scalars: w = 1 - beta2_t, rho = min(lr, 1/sqrt(t)).
-enum PerTensor { WEIGHT = 0, RELATIVE_STEP, N_PER };
+enum Column { PARAM = 0, GRAD, ROW_VAR, COL_VAR, BATCH, ROWS, COLS, N_COLUMNS };
+// Per-tensor scalars: w = 1 - beta2_t, rho = min(lr, 1/sqrt(t)), and 1 when rho is
+// a float32 tensor learning rate (torch then forms alpha and alpha / clip in float32).
+enum PerTensor { WEIGHT = 0, RELATIVE_STEP, FLOAT32_STEP, N_PER };
 // Hyperparameters: eps1, eps2, d, 1 - lr weight_decay.
 enum Hyper { EPS1 = 0, EPS2, CLIP_D, DECAY };
 enum Flags { MAXIMIZE = 1, HAS_WEIGHT_DECAY = 2 };
 
 // Rows of a shared tensor are cut into ranges of about this many elements.
 constexpr int64_t kUnitElements = 1 << 15;
+// A tensor is shared by every thread when it has at least this many elements and
+// more than 1/(2 threads) of the call's: fewer, larger tensors would leave threads
+// idle. The others go whole to one thread each, largest first, with no barrier.
+constexpr int64_t kSharedElements = 1 << 16;
 
 template <typename T>
 struct Tensor {
@@ -49,6 +55,7 @@ struct Tensor {
   T* col_var;  // null for a vector
   int64_t batch, rows, cols;
   double weight, relative_step;
+  bool float32_step;
 
   Tensor(const int64_t* row, const double* per) {
     param = reinterpret_cast<T*>(row[PARAM]);
@@ -60,6 +67,7 @@ struct Tensor {
     cols = row[COLS];
     weight = per[WEIGHT];
     relative_step = per[RELATIVE_STEP];
+    float32_step = per[FLOAT32_STEP] != 0.0;
   }
   bool factored() const { return col_var != nullptr; }
   int64_t numel() const { return batch * rows * cols; }
@@ -97,9 +105,13 @@ struct Rule {
   // alpha / clip, negated and rounded to T as add_(update, alpha=...) does.
   T scale(const Tensor<T>& t, double param_squares, double update_squares) const {
     const double root_numel = std::sqrt(static_cast<double>(t.numel()));
-    const double alpha = std::max(eps2, std::sqrt(param_squares) / root_numel) * t.relative_step;
+    const double rms = std::max(eps2, std::sqrt(param_squares) / root_numel);
     const double clip = std::max(1.0, std::sqrt(update_squares) / (root_numel * d));
-    return static_cast<T>(-alpha / clip);
+    if (t.float32_step) {  // tensor arithmetic in float32, as torch's with a float32 lr
+      const float alpha = static_cast<float>(rms) * static_cast<float>(t.relative_step);
+      return static_cast<T>(-alpha / static_cast<float>(clip));
+    }
+    return static_cast<T>(-(rms * t.relative_step) / clip);
   }
 
   // -- factored tensors -------------------------------------------------------
@@ -338,10 +350,15 @@ struct Rule {
     std::vector<Shared> shared_work;
     std::vector<int64_t> shared_index;
     tensors.reserve(n);
+    int64_t total = 0;
     for (int64_t k = 0; k < n; ++k) {
       tensors.emplace_back(table + k * N_COLUMNS, per + k * N_PER);
-      if (threads > 1 && table[k * N_COLUMNS + SHARED]) {
-        const Tensor<T>& t = tensors.back();
+      total += tensors.back().numel();
+    }
+    for (int64_t k = 0; k < n; ++k) {
+      const Tensor<T>& t = tensors[k];
+      const int64_t numel = t.numel();
+      if (threads > 1 && numel >= kSharedElements && numel * 2 * threads > total) {
         Shared work;
         work.units = units(t);
         if (t.factored()) {
@@ -356,6 +373,9 @@ struct Rule {
         alone.push_back(k);
       }
     }
+    // Largest first, so that the last tensors handed out are the small ones.
+    std::stable_sort(alone.begin(), alone.end(),
+                     [&](int64_t a, int64_t b) { return tensors[a].numel() > tensors[b].numel(); });
     const int64_t n_alone = static_cast<int64_t>(alone.size());
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
@@ -383,8 +403,9 @@ void run(int64_t n, const int64_t* table, const double* per, const double* hp, i
 extern "C" {
 
 // One Adafactor step over n tensors of one dtype (0 float32, 1 float64). table:
-// n rows of (param, grad, row_var or variance, col_var or 0, batch, rows, cols,
-// shared) as int64; per_tensor: n rows of (1 - beta2_t, min(lr, 1/sqrt(t)));
+// n rows of (param, grad, row_var or variance, col_var or 0, batch, rows, cols)
+// as int64; per_tensor: n rows of (1 - beta2_t, min(lr, 1/sqrt(t)), whether that is
+// a float32 tensor);
 // hp: eps1, eps2, d, 1 - lr weight_decay; flags: 1 maximize, 2 weight decay.
 void ravine_adafactor_step(int64_t dtype, int64_t n, const int64_t* table, const double* per_tensor,
                            const double* hp, int64_t flags, int64_t threads) {

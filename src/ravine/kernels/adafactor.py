@@ -16,6 +16,7 @@ torch's, so results equal torch.optim.Adafactor's within rounding, not bit for b
 from __future__ import annotations
 
 import ctypes
+import operator
 from typing import Any
 
 import numpy as np
@@ -30,12 +31,9 @@ __all__ = ["CompiledGroup", "build"]
 # Flags shared with adafactor.cpp.
 MAXIMIZE, HAS_WEIGHT_DECAY = 1, 2
 # Columns of the tensor table: param, grad, row_var (or variance), col_var (or 0),
-# batch, rows, cols, shared.
-COLUMNS = 8
+# batch, rows, cols.
+COLUMNS = 7
 GRAD = 1
-# A tensor of at least this many elements is shared by every thread (cut into row
-# ranges); smaller ones go whole to one thread, where their three passes stay in cache.
-SHARED_ELEMENTS = 1 << 18
 # Below this many elements in a call one thread is faster than waking others.
 PARALLEL_ELEMENTS = 1 << 15
 
@@ -94,11 +92,12 @@ class _Part:
             else:
                 batch, rows, cols = 1, 1, p.numel()
                 buffers = (state["variance"].data_ptr(), 0)
-            self.table[row] = (p.data_ptr(), 0, *buffers, batch, rows, cols, p.numel() >= SHARED_ELEMENTS)
+            self.table[row] = (p.data_ptr(), 0, *buffers, batch, rows, cols)
             numel += p.numel()
         self.numel = numel
-        self.per_tensor = np.zeros((len(indices), 2), dtype=np.float64)
-        self.index_array = np.asarray(indices, dtype=np.int64)
+        self.per_tensor = np.zeros((len(indices), 3), dtype=np.float64)
+        self.covers_all = False  # set by CompiledGroup when the part is every parameter
+        self.pick = operator.itemgetter(*indices) if len(indices) > 1 else (lambda items: [items[indices[0]]])
 
 
 class CompiledGroup:
@@ -128,6 +127,10 @@ class CompiledGroup:
             for dtype, indices in by_dtype.items()
         ]
         self.state_count = len(state_table)
+        #: Steps in which the kernel ran (a step may leave every parameter to the plain path).
+        self.steps_taken = 0
+        if len(self.parts) == 1 and len(self.parts[0].indices) == len(params):
+            self.parts[0].covers_all = True
 
     def still_valid(self, params: list[Tensor], states: list[dict], state_table: dict) -> bool:
         return (
@@ -137,32 +140,44 @@ class CompiledGroup:
             and len(state_table) == self.state_count
         )
 
+    @staticmethod
+    def _scalars(lr: float | Tensor, beta2_decay: float, step: float) -> tuple[float, float, float]:
+        # torch keeps a tensor lr a tensor: min(lr, 1/sqrt(t)) is then the tensor when
+        # it is the smaller, and alpha and alpha / clip are formed in its dtype.
+        relative_step = min(lr, 1 / (step**0.5))
+        float32 = isinstance(relative_step, Tensor) and relative_step.dtype == torch.float32
+        return step**beta2_decay, T.scalar(relative_step), 1.0 if float32 else 0.0
+
     def step(self, group: dict[str, Any], grads: list[Tensor], steps: list[float]) -> list[int]:
         """Update the parameters the kernel takes; return the positions left to the
-        plain path (those of ``rest``, and any whose gradient is not dense and
-        contiguous in the parameter's dtype)."""
+        plain path (those of ``rest``, and any whose gradient is not contiguous;
+        the optimizer has refused sparse ones, and torch guards a gradient's dtype)."""
         library = _library()
-        lr = T.scalar(group["lr"])
+        lr_option = group["lr"]
+        if isinstance(lr_option, Tensor) and lr_option.dtype not in (torch.float32, torch.float64):
+            return list(range(len(grads)))  # a reduced-precision tensor lr: the plain path
+        lr = T.scalar(lr_option)
         eps1, eps2 = group["eps"]
         weight_decay = group["weight_decay"]
         flags = MAXIMIZE * bool(group["maximize"]) | HAS_WEIGHT_DECAY * (weight_decay != 0)
         decay = T.scalar(1 - lr * weight_decay) if weight_decay != 0 else 1.0
         # The step-dependent scalars, with the plain path's expressions, once per count.
-        per_step = {
-            step: (step ** group["beta2_decay"], min(lr, 1 / (step**0.5))) for step in set(steps)
-        }
+        per_step = {step: self._scalars(lr_option, group["beta2_decay"], step) for step in set(steps)}
         rest = list(self.rest)
+        ran = False
         threads_available = torch.get_num_threads()
         for part in self.parts:
             table = part.table
+            part_grads = grads if part.covers_all else part.pick(grads)
             skipped = []
-            for row, index in enumerate(part.indices):
-                grad = grads[index]
-                if grad.is_sparse or grad.dtype != part.dtype or not grad.is_contiguous():
-                    skipped.append(row)
-                    table[row, GRAD] = 0
-                else:
-                    table[row, GRAD] = grad.data_ptr()
+            if all(grad.is_contiguous() for grad in part_grads):
+                table[:, GRAD] = [grad.data_ptr() for grad in part_grads]
+            else:
+                for row, grad in enumerate(part_grads):
+                    if grad.is_contiguous():
+                        table[row, GRAD] = grad.data_ptr()
+                    else:
+                        skipped.append(row)
             if len(per_step) == 1:
                 part.per_tensor[:] = next(iter(per_step.values()))
             else:
@@ -179,6 +194,7 @@ class CompiledGroup:
             epsilon1 = torch.finfo(part.dtype).eps if eps1 is None else eps1
             hyperparameters = np.asarray([epsilon1, eps2, group["d"], decay], dtype=np.float64)
             threads = threads_available if part.numel >= PARALLEL_ELEMENTS else 1
+            ran = True
             library.ravine_adafactor_step(
                 cpu.DTYPES[part.dtype],
                 table.shape[0],
@@ -188,6 +204,7 @@ class CompiledGroup:
                 flags,
                 threads,
             )
+        self.steps_taken += ran
         rest.sort()
         return rest
 

@@ -11,9 +11,12 @@ from torch import Tensor
 
 from ravine import transforms as T
 from ravine.kernels import adafactor as _compiled_step
-from ravine.optim.base import RavineOptimizer, check_range, narrowest_dtype, scalar
+from ravine.optim.base import RavineOptimizer, check_range, scalar
 
 __all__ = ["Adafactor"]
+
+# Parameter types that are certainly not DTensors.
+_PLAIN_TYPES = {torch.Tensor, torch.nn.Parameter}
 
 
 class Adafactor(RavineOptimizer):
@@ -100,14 +103,22 @@ class Adafactor(RavineOptimizer):
         if not isinstance(eps, (tuple, list)) or len(eps) != 2:
             raise ValueError(f"eps must be a pair (eps1, eps2), eps1 None or >= 0 and eps2 >= 0, got {eps!r}")
         # eps1 and eps2 are compared with values in the parameters' dtype, eps1 squared.
-        dtype = narrowest_dtype(group)
+        # Every step checks the group: the parameters are read through sets of their
+        # dtypes and types, one pass, instead of several calls per parameter.
+        params = group.get("params", ())
+        dtypes = {p.dtype for p in params}
+        dtype = min(
+            (d for d in dtypes if d.is_floating_point), key=lambda d: torch.finfo(d).max, default=None
+        )  # as base.narrowest_dtype
         if eps[0] is not None:
             root_of_largest = None if dtype is None else math.sqrt(torch.finfo(dtype).max)
             check_range("eps[0]", eps[0], 0.0, root_of_largest, representable_in=dtype)
         check_range("eps[1]", eps[1], 0.0, representable_in=dtype)
         check_range("d", group["d"], 1.0)
         check_range("weight_decay", group["weight_decay"], 0.0)
-        for p in group.get("params", ()):
+        if all(not d.is_complex for d in dtypes) and {type(p) for p in params} <= _PLAIN_TYPES:
+            return
+        for p in params:
             if torch.is_complex(p):
                 raise ValueError(
                     f"params must be real: Adafactor does not support complex parameters, got {p.dtype}"
@@ -142,12 +153,15 @@ class Adafactor(RavineOptimizer):
         if self.use_compiled_step(bit_equal=False):
             # One compiled call per dtype for every parameter it takes (dense,
             # contiguous float32/float64 CPU tensors); the rest take the plain path.
+            # Tables are kept per parameter list: the optimizer passes the same list
+            # while the group's parameters with gradients and their state stay the same.
             kept = self.__dict__.setdefault("_compiled", {})
-            compiled = kept.get(id(group))
+            key = (id(group), id(params))
+            compiled = kept.get(key)
             if compiled is None or not compiled.still_valid(params, states, self.state):
                 if len(kept) > 64:
                     kept.clear()
-                compiled = kept[id(group)] = _compiled_step.build(params, states, self.state)
+                compiled = kept[key] = _compiled_step.build(params, states, self.state)
             rest = compiled.step(group, grads, steps)
             if not rest:
                 return
