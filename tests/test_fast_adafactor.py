@@ -303,3 +303,21 @@ def test_several_groups_keep_their_own_tables(inexact):
     reference = train(make(None), base)
     assert len({key[0] for key in fast[1]._compiled}) == 2
     assert_close(fast, reference, torch.float32)
+
+
+def test_replaced_state_tensors_rebuild_the_tables(inexact):
+    base = make_base([(5, 9), (7,)], torch.float32)
+    params, optimizer = train(lambda ps: ravine.Adafactor(ps, impl="fast"), base, steps=4)
+    reference = train(lambda ps: torch.optim.Adafactor(ps, foreach=False), base, steps=4)
+    for ours, theirs in ((optimizer, params), (reference[1], reference[0])):
+        for p in theirs:
+            state = ours.state[p]
+            for name in ("row_var", "col_var", "variance"):
+                if name in state:
+                    state[name] = state[name].clone()  # the old tensors are freed
+    import gc
+
+    gc.collect()
+    ours = train(None, base, steps=4, start=4, params=params, optimizer=optimizer)
+    theirs = train(None, base, steps=4, start=4, params=reference[0], optimizer=reference[1])
+    assert_close(ours, theirs, torch.float32)

@@ -105,7 +105,8 @@ class CompiledGroup:
 
     ``rest`` lists the positions of the parameters the kernel cannot take (they go to
     the plain path). Valid while the same parameter and state lists come back (the
-    optimizer rebuilds them whenever a parameter or its state is replaced).
+    optimizer rebuilds them whenever a parameter is replaced or a state dict loaded)
+    and the state tensors are the same.
     """
 
     def __init__(self, params: list[Tensor], states: list[dict], state_table: dict) -> None:
@@ -127,6 +128,13 @@ class CompiledGroup:
             for dtype, indices in by_dtype.items()
         ]
         self.state_count = len(state_table)
+        # The state tensors the tables point into: a replaced one rebuilds them.
+        self.watched_states = [full[i] for part in self.parts for i in part.indices for _ in range(2)]
+        self.watched_names = [
+            name for part in self.parts for i in part.indices
+            for name in (("row_var", "col_var") if params[i].dim() > 1 else ("variance", "variance"))
+        ]
+        self.watched = list(map(dict.get, self.watched_states, self.watched_names))
         #: Steps in which the kernel ran (a step may leave every parameter to the plain path).
         self.steps_taken = 0
         if len(self.parts) == 1 and len(self.parts[0].indices) == len(params):
@@ -138,6 +146,7 @@ class CompiledGroup:
             and states is self.states
             and state_table is self.state_table
             and len(state_table) == self.state_count
+            and all(map(operator.is_, map(dict.get, self.watched_states, self.watched_names), self.watched))
         )
 
     @staticmethod
