@@ -97,7 +97,13 @@ class _Part:
         self.numel = numel
         self.per_tensor = np.zeros((len(indices), 3), dtype=np.float64)
         self.covers_all = False  # set by CompiledGroup when the part is every parameter
-        self.pick = operator.itemgetter(*indices) if len(indices) > 1 else (lambda items: [items[indices[0]]])
+        self._getter = operator.itemgetter(*indices)
+
+
+    def pick(self, grads: list[Tensor]) -> list[Tensor] | tuple[Tensor, ...]:
+        """This part's gradients, in the order of its table."""
+        picked = self._getter(grads)
+        return picked if len(self.indices) > 1 else (picked,)
 
 
 class CompiledGroup:
