@@ -149,13 +149,18 @@ def test_compiled_step_matches_torch_and_plain(inexact, threads, dtype, options)
             assert fast[1].state[p]["step"] == plain[1].state[q]["step"]
 
 
+# Large tensors, cut into row ranges shared by the threads (column sums through
+# per-thread partial sums): a matrix, a batch of matrices, a vector; and a 1 x N matrix
+# that goes whole to one thread. Then many tensors, each whole to one thread.
+LARGE = [(300, 401), (2, 300, 250), (100_003,), (1, 70_001)]
+MANY = [(17, 61)] * 20 + [(3, 11, 29)] * 10 + [(1001,)] * 10 + [(5,)] * 5
+
+
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_large_tensors_shared_by_threads_match_torch(inexact, threads, dtype):
-    # Each tensor is large enough to be cut into row ranges shared by the threads
-    # (column sums through per-thread partial sums): a matrix, a batch of matrices,
-    # a vector; a 1 x N matrix is one row range.
-    base = make_base([(300, 401), (2, 300, 250), (100_003,), (1, 70_001)], dtype)
+@pytest.mark.parametrize("shapes", [LARGE, MANY], ids=["large", "many"])
+def test_large_calls_split_over_threads_match_torch(inexact, threads, dtype, shapes):
+    base = make_base(shapes, dtype)
     fast = train(lambda ps: ravine.Adafactor(ps, weight_decay=0.01, impl="fast"), base, steps=6)
     reference = train(lambda ps: torch.optim.Adafactor(ps, weight_decay=0.01, foreach=False), base, steps=6)
     assert compiled_steps(fast[1]) == 6
