@@ -12,7 +12,9 @@
 //
 // A tensor takes three passes: (1) param and grad are read for the sum of squares of
 // param and the row and column sums of G^2, (2) U is computed for its sum of squares
-// (the clipping RMS), (3) U is computed again and param is written. U is never stored.
+// (the clipping RMS), (3) param is written. A matrix (or batch of matrices) of at most
+// 131,072 elements that one thread takes whole keeps U from pass 2 in a per-thread
+// buffer for pass 3; larger ones and vectors compute U again in pass 3.
 // A tensor goes whole to one thread when there are enough tensors to keep every
 // thread busy (its three passes then run in that core's cache when it fits); a
 // tensor too large for that is cut into row ranges shared by every thread (column
@@ -46,6 +48,9 @@ constexpr int64_t kUnitElements = 1 << 15;
 // more than 1/(2 threads) of the call's: fewer, larger tensors would leave threads
 // idle. The others go whole to one thread each, largest first, with no barrier.
 constexpr int64_t kSharedElements = 1 << 16;
+// A matrix (or batch) of at most this many elements taken whole by one thread keeps
+// U from pass 2 in a buffer (512 KiB of float32) instead of computing it again.
+constexpr int64_t kKeptElements = 1 << 17;
 
 template <typename T>
 struct Tensor {
@@ -161,23 +166,38 @@ struct Rule {
     return (T(1) / std::sqrt(estimate)) * g;
   }
 
-  // Pass 2: the sum of squares of U over rows [r0, r1) of matrix b.
-  double update_squares(const Tensor<T>& t, int64_t b, int64_t r0, int64_t r1, T mean) const {
+  // Pass 2: the sum of squares of U over rows [r0, r1) of matrix b; with Keep, U
+  // is also written to kept (row-major from row r0) for pass 3 to read back.
+  template <bool Keep = false>
+  double update_squares(const Tensor<T>& t, int64_t b, int64_t r0, int64_t r1, T mean,
+                        T* __restrict kept = nullptr) const {
     const int64_t m = t.cols;
     const T* __restrict c = t.col_var + b * m;
     double total = 0.0;
     for (int64_t i = r0; i < r1; ++i) {
       const T* __restrict g = t.grad + (b * t.rows + i) * m;
       const T r = t.row_var[b * t.rows + i];
+      T* __restrict out = Keep ? kept + (i - r0) * m : nullptr;
       double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < m; ++j) {
-        const double u = factored_update(r, c[j], mean, load(g, j));
-        sum += u * u;
+        const T u = factored_update(r, c[j], mean, load(g, j));
+        if (Keep) out[j] = u;
+        const double x = u;
+        sum += x * x;
       }
       total += sum;
     }
     return total;
+  }
+
+  // Pass 3 from the U that pass 2 kept: param = param * decay + scale * U.
+  void write_kept(T* __restrict p, const T* __restrict kept, int64_t n, T scale) const {
+#pragma GCC ivdep
+    for (int64_t j = 0; j < n; ++j) {
+      const T x = WeightDecay ? p[j] * decay : p[j];
+      p[j] = fused(scale, kept[j], x);
+    }
   }
 
   // Pass 3: param = param * decay + scale * U over rows [r0, r1) of matrix b.
@@ -249,7 +269,7 @@ struct Rule {
 
   // -- one tensor on one thread ------------------------------------------------
 
-  void whole(const Tensor<T>& t, std::vector<double>& col_sums, std::vector<T>& means) const {
+  void whole(const Tensor<T>& t, std::vector<double>& col_sums, std::vector<T>& means, std::vector<T>& kept) const {
     if (!t.factored()) {
       const int64_t n = t.numel();
       const double param_squares = vector_pass(t, 0, n);
@@ -267,6 +287,14 @@ struct Rule {
       means[b] = row_mean(t, b);
     }
     double squares = 0.0;
+    const int64_t n = t.numel(), matrix = t.rows * t.cols;
+    if (n <= kKeptElements) {  // U fits in cache: keep it for pass 3
+      kept.resize(n);
+      for (int64_t b = 0; b < t.batch; ++b)
+        squares += update_squares<true>(t, b, 0, t.rows, means[b], kept.data() + b * matrix);
+      write_kept(t.param, kept.data(), n, scale(t, param_squares, squares));
+      return;
+    }
     for (int64_t b = 0; b < t.batch; ++b) squares += update_squares(t, b, 0, t.rows, means[b]);
     const T s = scale(t, param_squares, squares);
     for (int64_t b = 0; b < t.batch; ++b) write_rows(t, b, 0, t.rows, means[b], s);
@@ -382,9 +410,9 @@ struct Rule {
       // Large tensors first, every thread on each; then the others, one thread each.
       for (size_t k = 0; k < shared_index.size(); ++k) shared(tensors[shared_index[k]], shared_work[k], threads);
       std::vector<double> col_sums;
-      std::vector<T> means;
+      std::vector<T> means, kept;
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t k = 0; k < n_alone; ++k) whole(tensors[alone[k]], col_sums, means);
+      for (int64_t k = 0; k < n_alone; ++k) whole(tensors[alone[k]], col_sums, means, kept);
     }
   }
 };
