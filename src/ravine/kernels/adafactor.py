@@ -175,7 +175,8 @@ class CompiledGroup:
         eps1, eps2 = group["eps"]
         weight_decay = group["weight_decay"]
         flags = MAXIMIZE * bool(group["maximize"]) | HAS_WEIGHT_DECAY * (weight_decay != 0)
-        decay = T.scalar(1 - lr * weight_decay) if weight_decay != 0 else 1.0
+        # As the plain path: with a tensor lr, 1 - lr wd is formed in its dtype.
+        decay = T.scalar(1 - lr_option * weight_decay) if weight_decay != 0 else 1.0
         # The step-dependent scalars, with the plain path's expressions, once per count.
         per_step = {step: self._scalars(lr_option, group["beta2_decay"], step) for step in set(steps)}
         rest = list(self.rest)
