@@ -99,7 +99,6 @@ class _Part:
         self.covers_all = False  # set by CompiledGroup when the part is every parameter
         self._getter = operator.itemgetter(*indices)
 
-
     def pick(self, grads: list[Tensor]) -> list[Tensor] | tuple[Tensor, ...]:
         """This part's gradients, in the order of its table."""
         picked = self._getter(grads)
