@@ -55,7 +55,7 @@ NEW_ROWS = {
     "signsgd": ({"ravine plain (baseline)", "ravine"}, {"ravine plain (baseline)"}, False),
     "sfadamw": ({"schedulefree for-loop", "schedulefree foreach", "ravine"}, {"schedulefree for-loop", "schedulefree foreach"}, False),
     "sfsgd": ({"schedulefree for-loop", "schedulefree foreach", "ravine"}, {"schedulefree for-loop", "schedulefree foreach"}, False),
-    "adafactor": ({"torch for-loop", "torch foreach", "ravine"}, {"torch for-loop", "torch foreach"}, True),
+    "adafactor": ({"torch for-loop", "torch foreach", "ravine plain", "ravine"}, {"torch for-loop", "torch foreach"}, True),
     "muon": ({"torch", "ravine"}, {"torch"}, True),
 }
 

@@ -136,7 +136,7 @@ def _algorithms() -> dict[str, Algorithm]:
             ("for-loop", "foreach"), ("default",), has_target=False, baseline_name="schedulefree", default=True,
         ),
         "adafactor": Algorithm(
-            torch.optim.Adafactor, ravine.Adafactor, {"lr": 1e-2}, 24, ("for-loop", "foreach"), ("default",),
+            torch.optim.Adafactor, ravine.Adafactor, {"lr": 1e-2}, 24, ("for-loop", "foreach"), ("plain", "default"),
             has_target=False, matrices=True, default=True,
         ),
         "muon": Algorithm(

@@ -10,9 +10,13 @@ import torch
 from torch import Tensor
 
 from ravine import transforms as T
-from ravine.optim.base import RavineOptimizer, check_range, narrowest_dtype, scalar
+from ravine.kernels import adafactor as _compiled_step
+from ravine.optim.base import RavineOptimizer, check_range, scalar
 
 __all__ = ["Adafactor"]
+
+# Parameter types that are certainly not DTensors.
+_PLAIN_TYPES = {torch.Tensor, torch.nn.Parameter}
 
 
 class Adafactor(RavineOptimizer):
@@ -52,12 +56,20 @@ class Adafactor(RavineOptimizer):
         dtype (torch applies the first parameter's to every parameter of a step, which
         differs only in a group that mixes dtypes). d: clipping threshold :math:`d` >= 1
         of the update's RMS. weight_decay: :math:`\lambda` >= 0 (decoupled). maximize:
-        ascend instead of descend.
+        ascend instead of descend. impl (ravine only, keyword): ``"auto"``, ``"plain"``
+        or ``"fast"``, the implementation that runs the step (see
+        :mod:`ravine.optim.base`). The compiled step (:mod:`ravine.kernels.adafactor`)
+        sums the norms in double and in another order than torch, so it equals
+        torch's results within rounding; in exact mode (``RAVINE_EXACT_SQRT=1``)
+        ``"auto"`` keeps the plain path, which is bit-equal.
     """
 
     #: The step size depends on the whole tensor's RMS: coordinates are not independent.
     elementwise = False
     real_view_for_complex = False
+    #: The compiled step (ravine/kernels/adafactor.cpp) sums norms in another order
+    #: than torch, so it is equal within rounding: exact mode keeps the plain path.
+    own_compiled_step = True
 
     def __init__(
         self,
@@ -70,6 +82,7 @@ class Adafactor(RavineOptimizer):
         *,
         foreach: bool | None = None,
         maximize: bool = False,
+        impl: str = "auto",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -81,7 +94,7 @@ class Adafactor(RavineOptimizer):
             "maximize": maximize,
         }
         self.check_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, impl=impl)
 
     def check_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
@@ -90,14 +103,22 @@ class Adafactor(RavineOptimizer):
         if not isinstance(eps, (tuple, list)) or len(eps) != 2:
             raise ValueError(f"eps must be a pair (eps1, eps2), eps1 None or >= 0 and eps2 >= 0, got {eps!r}")
         # eps1 and eps2 are compared with values in the parameters' dtype, eps1 squared.
-        dtype = narrowest_dtype(group)
+        # Every step checks the group: the parameters are read through sets of their
+        # dtypes and types, one pass, instead of several calls per parameter.
+        params = group.get("params", ())
+        dtypes = {p.dtype for p in params}
+        dtype = min(
+            (d for d in dtypes if d.is_floating_point), key=lambda d: torch.finfo(d).max, default=None
+        )  # as base.narrowest_dtype
         if eps[0] is not None:
             root_of_largest = None if dtype is None else math.sqrt(torch.finfo(dtype).max)
             check_range("eps[0]", eps[0], 0.0, root_of_largest, representable_in=dtype)
         check_range("eps[1]", eps[1], 0.0, representable_in=dtype)
         check_range("d", group["d"], 1.0)
         check_range("weight_decay", group["weight_decay"], 0.0)
-        for p in group.get("params", ()):
+        if all(not d.is_complex for d in dtypes) and {type(p) for p in params} <= _PLAIN_TYPES:
+            return
+        for p in params:
             if torch.is_complex(p):
                 raise ValueError(
                     f"params must be real: Adafactor does not support complex parameters, got {p.dtype}"
@@ -129,6 +150,28 @@ class Adafactor(RavineOptimizer):
         return sys.maxsize
 
     def update(self, group, params, grads, states, steps) -> None:
+        if self.use_compiled_step(bit_equal=False):
+            # One compiled call per dtype for every parameter it takes (dense,
+            # contiguous float32/float64 CPU tensors); the rest take the plain path.
+            # Tables are kept per parameter list: the optimizer passes the same list
+            # while the group's parameters with gradients and their state stay the same.
+            kept = self.__dict__.setdefault("_compiled", {})
+            key = (id(group), id(params))
+            compiled = kept.get(key)
+            if compiled is None or not compiled.still_valid(params, states, self.state):
+                if len(kept) > 64:
+                    kept.clear()
+                compiled = kept[key] = _compiled_step.build(params, states, self.state)
+            rest = compiled.step(group, grads, steps)
+            if not rest:
+                return
+            params = [params[i] for i in rest]
+            grads = [grads[i] for i in rest]
+            steps = [steps[i] for i in rest]
+        self.plain_update(group, params, grads, steps)
+
+    def plain_update(self, group, params, grads, steps) -> None:
+        """The update rule with torch's operations, one parameter at a time."""
         lr = group["lr"]
         eps1, eps2 = group["eps"]
         if group["maximize"]:
