@@ -11,12 +11,16 @@
 //   absmax = max |x| over the block (NaN if the block holds one),
 //   scale  = absmax > 0 ? absmax : 1,   y = x / scale (a true division),
 //   code   = table[bits(y) >> 15 & 0x1FFFF] + (y > midpoints[that])
-// with the plain path's own lookup table and midpoints (ties go to the lower code).
+// which a table derived from the plain path's gives with one lookup (see Codebook;
+// ties go to the lower code).
 // The result is bit-equal to the plain path's, square roots aside (torch's own with
 // ravine_set_sqrt, see common.h). Blocks never straddle work items, so the result does
 // not depend on the number of threads.
 
 #include <cstring>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #include "common.h"
 
@@ -33,12 +37,16 @@ enum Family { SGD = 0, ADAM = 1 };
 // The flags of ravine.kernels.fast (shared with cpu_step.cpp).
 enum Flags { MAXIMIZE = 1, NESTEROV = 2, AMSGRAD = 8, DECOUPLED = 16, HAS_MOMENTUM = 32, HAS_WEIGHT_DECAY = 64 };
 
-// A codebook, the midpoints between its neighbours and the bucket table of
-// ravine.optim.quantized._codebook.
+// A codebook and its encoding table (ravine.kernels.quantized._encoding_table): for
+// each float32 bucket (the top 17 bits) the plain path's code for the bucket's
+// smallest values (bits 0-7), whether its values fall as the low 15 bits rise (bit 8:
+// negative buckets, and inf/NaN ones), and the threshold t (bits 16-31): the code is
+// one more where the low 15 bits, reversed if bit 8 is set, are >= t. The plain path
+// compares with the midpoint between two codes instead; within a bucket that
+// comparison is a threshold on those bits (a bucket holds at most one midpoint).
 struct Codebook {
-  const float* values;     // 256
-  const float* midpoints;  // 255
-  const int32_t* below;    // 1 << 17: midpoints below each float32 bucket
+  const float* values;    // 256
+  const int32_t* table;   // 1 << 17
 };
 
 inline uint32_t bits_of(float x) {
@@ -78,10 +86,37 @@ inline void encode(const float* values, const Codebook& book, uint8_t* codes, fl
     absmax[b] = block_absmax;
     const float scale = block_absmax > 0.0f ? block_absmax : 1.0f;  // NaN > 0 is false, as in torch.where
     uint8_t* c = codes + b * kBlock;
-    for (int64_t i = 0; i < m; ++i) {
-      const float y = x[i] / scale;
-      const int32_t below = book.below[(bits_of(y) >> kTableShift) & kTableMask];
-      c[i] = static_cast<uint8_t>(below + (y > book.midpoints[below] ? 1 : 0));
+    int64_t i = 0;
+#ifdef __AVX2__
+    // The same steps on eight values at a time, with one gather for the table.
+    const __m256 scales = _mm256_set1_ps(scale);
+    const __m256i bucket_mask = _mm256_set1_epi32(static_cast<int32_t>(kTableMask));
+    const __m256i low_mask = _mm256_set1_epi32(0x7FFF);
+    const __m256i byte_mask = _mm256_set1_epi32(0xFF);
+    const __m256i one = _mm256_set1_epi32(1);
+    // Byte 0 of each 32-bit lane, then the two 128-bit halves' four bytes side by side.
+    const __m256i bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                           0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i halves = _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0);
+    for (; i + 8 <= m; i += 8) {
+      const __m256i y = _mm256_castps_si256(_mm256_div_ps(_mm256_loadu_ps(x + i), scales));
+      const __m256i bucket = _mm256_and_si256(_mm256_srli_epi32(y, kTableShift), bucket_mask);
+      const __m256i entry = _mm256_i32gather_epi32(book.table, bucket, 4);
+      // all ones where bit 8 is set: reverse the low bits
+      const __m256i reverse = _mm256_srai_epi32(_mm256_slli_epi32(entry, 23), 31);
+      const __m256i low = _mm256_xor_si256(_mm256_and_si256(y, low_mask), _mm256_and_si256(reverse, low_mask));
+      const __m256i threshold = _mm256_sub_epi32(_mm256_srli_epi32(entry, 16), one);
+      const __m256i above = _mm256_cmpgt_epi32(low, threshold);  // low >= t; a true mask is -1
+      const __m256i code = _mm256_sub_epi32(_mm256_and_si256(entry, byte_mask), above);
+      const __m256i packed = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(code, bytes), halves);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(c + i), _mm256_castsi256_si128(packed));
+    }
+#endif
+    for (; i < m; ++i) {
+      const uint32_t y = bits_of(x[i] / scale);
+      const uint32_t entry = static_cast<uint32_t>(book.table[(y >> kTableShift) & kTableMask]);
+      const uint32_t low = (y & 0x7FFFu) ^ ((entry & 0x100u) ? 0x7FFFu : 0u);
+      c[i] = static_cast<uint8_t>((entry & 0xFFu) + (low >= (entry >> 16) ? 1u : 0u));
     }
   }
 }
@@ -225,15 +260,13 @@ extern "C" {
 // `pointers` is (param, grad, numel, codes_0, absmax_0, codes_1, absmax_1, ...):
 // family 0 SGD with momentum (state: momentum_buffer), 1 Adam (exp_avg, exp_avg_sq,
 // [max_exp_avg_sq]). hp and per_tensor are those of ravine.kernels.fast for the
-// float family. books: the signed codebook's values, midpoints and bucket table,
-// then the unsigned one's.
+// float family. books: the signed codebook's values and encoding table, then the
+// unsigned one's.
 void ravine_quantized8_step(int64_t family, int64_t n_items, const int64_t* items, const int64_t* pointers,
                             int64_t n_slots, const double* per_tensor, int64_t n_per, const double* hp,
                             int64_t flags, const int64_t* books, int64_t threads) {
-  const Codebook signed_book{reinterpret_cast<const float*>(books[0]), reinterpret_cast<const float*>(books[1]),
-                             reinterpret_cast<const int32_t*>(books[2])};
-  const Codebook unsigned_book{reinterpret_cast<const float*>(books[3]), reinterpret_cast<const float*>(books[4]),
-                               reinterpret_cast<const int32_t*>(books[5])};
+  const Codebook signed_book{reinterpret_cast<const float*>(books[0]), reinterpret_cast<const int32_t*>(books[1])};
+  const Codebook unsigned_book{reinterpret_cast<const float*>(books[2]), reinterpret_cast<const int32_t*>(books[3])};
   const int n_states = static_cast<int>((n_slots - 3) / 2);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && n_items > 1)
   for (int64_t k = 0; k < n_items; ++k) {

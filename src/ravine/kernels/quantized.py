@@ -28,7 +28,7 @@ from torch import Tensor
 from ravine.kernels import cpu
 from ravine.kernels import fast
 
-__all__ = ["ITEM_BLOCKS", "run"]
+__all__ = ["ITEM_BLOCKS", "encoding_table", "run"]
 
 #: Blocks of 256 elements per work item (32,768 elements): threads share a few large
 #: tensors as evenly as many small ones, and blocks never straddle items.
@@ -63,14 +63,54 @@ def _library() -> ctypes.CDLL:
     return library
 
 
+def encoding_table(signed: bool) -> Tensor:
+    """The kernel's nearest-code table (int32, one entry per float32 bucket of the
+    plain path's table, the top 17 bits of a value): the plain path's code for the
+    bucket's smallest values (bits 0-7), whether the bucket's values fall as their
+    low 15 bits rise (bit 8: negative values, and the inf/NaN exponent), and the
+    threshold t (bits 16-31, 0x8000 for none): the plain path's code is one more
+    exactly where the low 15 bits, reversed when bit 8 is set, are >= t.
+
+    The plain path compares a value with ``midpoints[table[bucket]]``; within a bucket
+    that comparison is monotone in the value (NaN compares false, and the inf/NaN
+    buckets are reversed so that +inf comes last), so a binary search over the low
+    bits of all buckets at once finds each threshold, with the plain path's own
+    comparison.
+    """
+    from ravine.optim.quantized import _TABLE_SHIFT, _codebook
+
+    _, midpoints, below = _codebook(signed, torch.device("cpu"))
+    span = 1 << _TABLE_SHIFT
+    buckets = torch.arange(1 << (32 - _TABLE_SHIFT), dtype=torch.int64)
+    below = below.to(torch.int64)
+    midpoint = midpoints[below]
+    reverse = ((buckets >> 16) == 1) | (((buckets >> 8) & 0xFF) == 0xFF)
+    flip = torch.where(reverse, span - 1, 0)
+
+    def above(low: Tensor) -> Tensor:
+        bits = (buckets << _TABLE_SHIFT) | (low.clamp(max=span - 1) ^ flip)
+        return (bits.to(torch.int32).view(torch.float32) > midpoint) & (low < span)
+
+    first, last = torch.zeros_like(buckets), torch.full_like(buckets, span)  # the threshold lies in [first, last]
+    for _ in range(_TABLE_SHIFT + 1):
+        middle = (first + last) // 2
+        hit = above(middle)
+        last = torch.where(hit, middle, last)
+        first = torch.where(hit, first, middle + 1)
+    entry = below | (reverse.to(torch.int64) << 8) | (last << 16)
+    return torch.where(entry >= 1 << 31, entry - (1 << 32), entry).to(torch.int32)
+
+
 def _codebook_pointers() -> np.ndarray:
-    """Addresses of the signed and the unsigned codebook's values, midpoints and
-    bucket table (the plain path's own tensors, kept alive here)."""
+    """Addresses of the signed and the unsigned codebook's values and encoding
+    table (kept alive here)."""
     global _books
     if _books is None:
         from ravine.optim.quantized import _codebook
 
-        tensors = [t.contiguous() for signed in (True, False) for t in _codebook(signed, torch.device("cpu"))]
+        tensors = []
+        for signed in (True, False):
+            tensors += [_codebook(signed, torch.device("cpu"))[0].contiguous(), encoding_table(signed)]
         _books = (np.array([t.data_ptr() for t in tensors], dtype=np.int64), tensors)
     return _books[0]
 
