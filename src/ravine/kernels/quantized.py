@@ -81,24 +81,26 @@ def encoding_table(signed: bool) -> Tensor:
 
     _, midpoints, below = _codebook(signed, torch.device("cpu"))
     span = 1 << _TABLE_SHIFT
-    buckets = torch.arange(1 << (32 - _TABLE_SHIFT), dtype=torch.int64)
-    below = below.to(torch.int64)
-    midpoint = midpoints[below]
+    buckets = np.arange(1 << (32 - _TABLE_SHIFT), dtype=np.uint32)
+    below = below.numpy().astype(np.uint32)
+    midpoint = midpoints.numpy()[below]
     reverse = ((buckets >> 16) == 1) | (((buckets >> 8) & 0xFF) == 0xFF)
-    flip = torch.where(reverse, span - 1, 0)
+    flip = np.where(reverse, span - 1, 0).astype(np.uint32)
+    base = buckets << _TABLE_SHIFT
 
-    def above(low: Tensor) -> Tensor:
-        bits = (buckets << _TABLE_SHIFT) | (low.clamp(max=span - 1) ^ flip)
-        return (bits.to(torch.int32).view(torch.float32) > midpoint) & (low < span)
+    def above(low: np.ndarray) -> np.ndarray:
+        values = (base | (np.minimum(low, span - 1) ^ flip)).view(np.float32)
+        with np.errstate(invalid="ignore"):
+            return (values > midpoint) & (low < span)
 
-    first, last = torch.zeros_like(buckets), torch.full_like(buckets, span)  # the threshold lies in [first, last]
+    first, last = np.zeros_like(buckets), np.full_like(buckets, span)  # the threshold lies in [first, last]
     for _ in range(_TABLE_SHIFT + 1):
-        middle = (first + last) // 2
+        middle = (first + last) >> 1
         hit = above(middle)
-        last = torch.where(hit, middle, last)
-        first = torch.where(hit, first, middle + 1)
-    entry = below | (reverse.to(torch.int64) << 8) | (last << 16)
-    return torch.where(entry >= 1 << 31, entry - (1 << 32), entry).to(torch.int32)
+        last = np.where(hit, middle, last)
+        first = np.where(hit, first, middle + 1)
+    entry = below | (reverse.astype(np.uint32) << 8) | (last << 16)
+    return torch.from_numpy(entry.view(np.int32).copy())
 
 
 def _codebook_pointers() -> np.ndarray:
