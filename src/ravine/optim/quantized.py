@@ -26,6 +26,10 @@ state, ``amax``/``amin`` over a (blocks, 256) view for the scales, integer shift
 and ``index_select`` on a lookup table for the nearest codes), so the same code
 runs on any device. The codes and scales do not depend on how the parameters are
 cut into chunks (stochastic rounding draws its random numbers in parameter order).
+That is the plain path (``impl="plain"``). On the CPU, :class:`Adam8bit`,
+:class:`AdamW8bit` and :class:`SGD8bit` take a compiled step by default
+(:mod:`ravine.kernels.quantized`): one pass per block, with the same codes, scales
+and parameters bit for bit (square roots aside, see :mod:`ravine.kernels.cpu`).
 
 Parameters with fewer than ``min_8bit_size`` elements (4096, as in bitsandbytes)
 keep float32 state: the saving would be small and biases and norms are sensitive.
