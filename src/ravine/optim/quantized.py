@@ -26,6 +26,10 @@ state, ``amax``/``amin`` over a (blocks, 256) view for the scales, integer shift
 and ``index_select`` on a lookup table for the nearest codes), so the same code
 runs on any device. The codes and scales do not depend on how the parameters are
 cut into chunks (stochastic rounding draws its random numbers in parameter order).
+That is the plain path (``impl="plain"``). On the CPU, :class:`Adam8bit`,
+:class:`AdamW8bit` and :class:`SGD8bit` take a compiled step by default
+(:mod:`ravine.kernels.quantized`): one pass per block, with the same codes, scales
+and parameters bit for bit (square roots aside, see :mod:`ravine.kernels.cpu`).
 
 Parameters with fewer than ``min_8bit_size`` elements (4096, as in bitsandbytes)
 keep float32 state: the saving would be small and biases and norms are sensitive.
@@ -44,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ravine.kernels import quantized as _compiled
 from ravine.optim.adam import Adam
 from ravine.optim.lion import Lion
 from ravine.optim.lowmem import check_real_params, check_working_range, restore_state_dtypes, run_in_working_precision
@@ -240,6 +245,9 @@ class BlockwiseQuantizedState:
     min_8bit_size = 4096
     #: Round new state to a random neighbouring code (unbiased) instead of the nearest.
     stochastic_rounding = False
+    #: The float rule the compiled step of :mod:`ravine.kernels.quantized` runs
+    #: ("adam", "sgd"), or None for the plain path only.
+    compiled_family: str | None = None
 
     def check_group(self, group: dict[str, Any]) -> None:
         super().check_group(group)
@@ -270,6 +278,17 @@ class BlockwiseQuantizedState:
                 state[name + "_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=param.device)
 
     def update(self, group, params, grads, states, steps) -> None:
+        # The compiled step takes what it can (bit-equal to the plain path, square
+        # roots aside as everywhere); the rest stays on the plain path in this step.
+        if self.compiled_family is not None and self.use_compiled_step(bit_equal=True):
+            rest = _compiled.run(self, group, params, grads, states, steps, self.compiled_family)
+            if len(rest) < len(params):
+                params, grads = [params[i] for i in rest], [grads[i] for i in rest]
+                states, steps = [states[i] for i in rest], [steps[i] for i in rest]
+        if params:
+            self._plain_update(group, params, grads, states, steps)
+
+    def _plain_update(self, group, params, grads, states, steps) -> None:
         # Parameters are quantized in their order (stochastic rounding draws random
         # numbers in that order); those with float32 state go to the rule together.
         names = self.state_names(group)
@@ -425,7 +444,13 @@ class Adam8bit(BlockwiseQuantizedState, Adam):
     The update rule is Adam's, applied to the dequantized moments; arguments as
     :class:`~ravine.optim.Adam`, plus ``min_8bit_size``: parameters with fewer
     elements keep float32 state (default 4096; 0 quantizes every parameter).
+    ``impl`` chooses the implementation (see :mod:`ravine.optim.base`): the
+    compiled step (:mod:`ravine.kernels.quantized`) gives the plain path's codes,
+    scales and parameters bit for bit, square roots aside.
     """
+
+    own_compiled_step = True
+    compiled_family = "adam"
 
     def __init__(
         self,
@@ -439,6 +464,7 @@ class Adam8bit(BlockwiseQuantizedState, Adam):
         maximize: bool = False,
         decoupled_weight_decay: bool = False,
         min_8bit_size: int = 4096,
+        impl: str = "auto",
     ) -> None:
         self.min_8bit_size = _check_min_8bit_size(min_8bit_size)
         super().__init__(
@@ -450,6 +476,7 @@ class Adam8bit(BlockwiseQuantizedState, Adam):
             amsgrad,
             maximize=maximize,
             decoupled_weight_decay=decoupled_weight_decay,
+            impl=impl,
         )
 
 
@@ -468,6 +495,7 @@ class AdamW8bit(Adam8bit):
         *,
         maximize: bool = False,
         min_8bit_size: int = 4096,
+        impl: str = "auto",
     ) -> None:
         super().__init__(
             params,
@@ -479,6 +507,7 @@ class AdamW8bit(Adam8bit):
             maximize=maximize,
             decoupled_weight_decay=True,
             min_8bit_size=min_8bit_size,
+            impl=impl,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -492,9 +521,12 @@ class SGD8bit(BlockwiseQuantizedState, SGD):
     element, block-wise quantized (Dettmers et al., 2022): 1.02 bytes of state per
     parameter instead of 4 for large tensors. Dense gradients only.
 
-    Arguments as :class:`~ravine.optim.SGD`, plus ``min_8bit_size`` (see
-    :class:`Adam8bit`). Without momentum there is no state to quantize.
+    Arguments as :class:`~ravine.optim.SGD`, plus ``min_8bit_size`` and ``impl``
+    (see :class:`Adam8bit`). Without momentum there is no state to quantize.
     """
+
+    own_compiled_step = True
+    compiled_family = "sgd"
 
     def __init__(
         self,
@@ -507,9 +539,10 @@ class SGD8bit(BlockwiseQuantizedState, SGD):
         *,
         maximize: bool = False,
         min_8bit_size: int = 4096,
+        impl: str = "auto",
     ) -> None:
         self.min_8bit_size = _check_min_8bit_size(min_8bit_size)
-        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize)
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize, impl=impl)
 
     def advance_steps(self, group, dense) -> list[float]:
         counts = super().advance_steps(group, dense)  # new float buffers: allocated, never written
@@ -533,6 +566,9 @@ class Lion8bit(BlockwiseQuantizedState, Lion):
     codebook near a block's largest values, so rounding to nearest loses most of
     those moves (on a 128x64 least-squares problem, 300 steps at lr 3e-4: loss 0.31
     with nearest rounding, 0.189 stochastic, 0.189 with float32 state).
+
+    Lion8bit has no compiled step: its random numbers come from torch's generator,
+    in the plain path's order. ``impl`` may be "auto" or "plain" ("fast" raises).
     """
 
     stochastic_rounding = True
@@ -546,6 +582,7 @@ class Lion8bit(BlockwiseQuantizedState, Lion):
         *,
         maximize: bool = False,
         min_8bit_size: int = 4096,
+        impl: str = "auto",
     ) -> None:
         self.min_8bit_size = _check_min_8bit_size(min_8bit_size)
-        super().__init__(params, lr, betas, weight_decay, maximize=maximize)
+        super().__init__(params, lr, betas, weight_decay, maximize=maximize, impl=impl)
