@@ -414,3 +414,20 @@ def test_muon_with_adamw_fast_matches_plain(batches, threads):
         else:
             assert torch.equal(p, q)  # AdamW's groups: the same path
     assert sorted(set(batches)) == [(1, 3, 20), (1, 20, 12)] and len(batches) == 2 * STEPS
+
+
+def test_tensor_learning_rate(batches):
+    params = make_params(torch.float32)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fast = ravine.Muon(params, lr=torch.tensor(0.02), weight_decay=0.05, impl="fast")
+    reference = torch.optim.Muon(twins, lr=torch.tensor(0.02), weight_decay=0.05)
+    for step in range(5):
+        set_grads(params, step)
+        set_grads(twins, step)
+        fast.step()
+        reference.step()
+    bound = 5 * adjusted_lr(0.02, None, (40, 13)) * ULPS * 2.0**-7
+    for p, twin in zip(params, twins):
+        if p.numel():
+            assert (p - twin).abs().max().item() <= bound
+    assert len(batches) == 7 * 5
