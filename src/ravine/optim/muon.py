@@ -3,6 +3,7 @@ and :class:`MuonWithAdamW` / :func:`muon_with_adamw` to train a whole model with
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import sys
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ravine import transforms as T
+from ravine.kernels import cpu as _cpu
 from ravine.optim.adam import AdamW
 from ravine.optim.base import RavineOptimizer, check_range, narrowest_dtype, scalar
 
@@ -139,6 +141,72 @@ def _native_bfloat16_matmul(device_type: str) -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def zeropower_via_newton_schulz_compiled(
+    matrices: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+) -> Tensor:
+    r""":func:`zeropower_via_newton_schulz` of a batch of same-shaped matrices
+    (``(batch, rows, columns)``, at least 2 x 2) with torch's numbers, bit for bit,
+    where torch has no native bfloat16 matrix product: its loops then add up each dot
+    product in float32 in an order fixed by the operands' layout, and ravine's compiled
+    step (``kernels/muon_ns.cpp``) adds up in the same orders and rounds to bfloat16
+    where torch does, with vectorised loops and one thread per matrix. The norm and
+    the division are torch's own bfloat16 operations. Returns float32
+    ``(batch, rows, columns)`` with bfloat16 values.
+    """
+    a, b, c = coefficients
+    ortho = matrices.bfloat16()
+    tall = matrices.size(1) > matrices.size(2)
+    for matrix in ortho:  # torch's operations, on the view torch takes the norm of
+        view = matrix.T if tall else matrix
+        view.div_(view.norm().clamp(min=eps))
+    ortho = (ortho.transpose(1, 2) if tall else ortho).float().contiguous()
+    batch, rows, columns = ortho.shape
+    if steps > 0 and batch > 0:
+        threads = torch.get_num_threads() if ortho.numel() * rows >= 1 << 16 else 1
+        _compiled_library().ravine_muon_newton_schulz(
+            ortho.data_ptr(), batch, rows, columns, int(tall), a, b, c, steps, max(1, min(threads, batch))
+        )
+    return ortho.transpose(1, 2) if tall else ortho
+
+
+def _compiled_library():
+    """ravine's compiled library with the Newton-Schulz entry point's argument types."""
+    library = _cpu.load()
+    if library.ravine_muon_newton_schulz.argtypes is None:
+        library.ravine_muon_newton_schulz.restype = None
+        library.ravine_muon_newton_schulz.argtypes = [
+            ctypes.c_void_p,  # matrices, overwritten
+            ctypes.c_int64,  # batch
+            ctypes.c_int64,  # rows (<= columns)
+            ctypes.c_int64,  # columns
+            ctypes.c_int32,  # tall: the matrices are transposed parameters
+            ctypes.c_float,  # a
+            ctypes.c_float,  # b
+            ctypes.c_float,  # c
+            ctypes.c_int64,  # steps
+            ctypes.c_int32,  # threads
+        ]
+    return library
+
+
+@functools.cache
+def compiled_matches_torch() -> bool:
+    """Whether the compiled Newton-Schulz step gives torch's numbers here, checked once
+    on a few matrices (wide and tall, with and without the 64-element blocks and
+    tails of torch's dot products); False where the library does not build or torch
+    runs its bfloat16 products another way (another version, native bfloat16)."""
+    if _cpu.unavailable_reason() is not None or _native_bfloat16_matmul("cpu"):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    for shape in ((2, 3), (9, 5), (19, 150), (150, 19), (70, 70)):
+        matrices = torch.randn((2, *shape), generator=generator)
+        ours = zeropower_via_newton_schulz_compiled(matrices, NS_COEFFICIENTS, NS_STEPS, EPS)
+        for matrix, result in zip(matrices, ours):
+            if not torch.equal(zeropower_via_newton_schulz(matrix, NS_COEFFICIENTS, NS_STEPS, EPS).float(), result):
+                return False
+    return True
 
 
 #: At most this many elements per stacked batch of matrices in the float32
@@ -291,21 +359,28 @@ class Muon(RavineOptimizer):
         directions = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
         if group["weight_decay"] != 0:
             T.decay_weights_(params, scalar(1 - lr * group["weight_decay"]))
+        # Same-shaped matrices are orthogonalised together: by the compiled step (torch's
+        # numbers) where it matches torch here, else by float32 products (close to
+        # torch's, not bit-equal: not in exact mode).
         batched: dict[tuple, list[int]] = {}
-        if self.use_compiled_step(bit_equal=False):
-            # Same-shaped matrices go through the float32 orthogonalisation together.
+        compiled = self.use_compiled_step(bit_equal=True) and compiled_matches_torch()
+        float32 = self.use_compiled_step(bit_equal=False)
+        if compiled or float32:
             for index, param in enumerate(params):
-                if _float32_products_apply(param, directions[index]):
-                    batched.setdefault((param.shape, param.dtype), []).append(index)
-        for (shape, _), indices in batched.items():
+                if not _float32_products_apply(param, directions[index]):
+                    continue
+                if compiled and min(param.shape) >= 2:
+                    batched.setdefault((True, param.shape, param.dtype), []).append(index)
+                elif float32:
+                    batched.setdefault((False, param.shape, param.dtype), []).append(index)
+        for (exact, shape, _), indices in batched.items():
             alpha = -scalar(adjusted_lr(lr, group["adjust_lr_fn"], shape))
             size = max(1, BATCH_ELEMENTS // max(1, math.prod(shape)))
+            orthogonalise = zeropower_via_newton_schulz_compiled if exact else zeropower_via_newton_schulz_float32
             for start in range(0, len(indices), size):
                 chunk = indices[start : start + size]
                 stacked = torch.stack([directions[index] for index in chunk])
-                orthogonal = zeropower_via_newton_schulz_float32(
-                    stacked, group["ns_coefficients"], group["ns_steps"], group["eps"]
-                )
+                orthogonal = orthogonalise(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"])
                 # Adding the float32 copy of a bfloat16 update gives the same sums as
                 # adding the bfloat16 tensor (torch converts it exactly first).
                 torch._foreach_add_([params[index] for index in chunk], list(orthogonal.unbind(0)), alpha=alpha)
