@@ -1,6 +1,7 @@
-"""Muon's fast orthogonalisation (impl="auto"/"fast" on CPUs without a native
-bfloat16 matrix product): the Newton-Schulz iteration with torch's roundings to
-bfloat16 but float32 matrix products, batched over same-shaped matrices.
+"""Muon's float32-product orthogonalisation (taken on CPUs without a native bfloat16
+matrix product where the compiled step, tests/test_compiled_muon.py, does not match
+torch): the Newton-Schulz iteration with torch's roundings to bfloat16 but float32
+matrix products, batched over same-shaped matrices.
 
 Float32 adds up each dot product in another order than torch's bfloat16 kernel, so
 a rounding to bfloat16 now and then lands one unit away, and the iteration carries
@@ -45,6 +46,12 @@ def inexact_mode():
     ravine.kernels.cpu.set_exact_sqrt(False)
     yield
     ravine.kernels.cpu.set_exact_sqrt(old)
+
+
+@pytest.fixture(autouse=True)
+def float32_path(monkeypatch):
+    """As where the compiled step does not give torch's numbers: the float32 products."""
+    monkeypatch.setattr(muon, "compiled_matches_torch", lambda: False)
 
 
 @pytest.fixture(autouse=True)
