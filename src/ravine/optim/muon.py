@@ -23,6 +23,7 @@ __all__ = [
     "MuonWithAdamW",
     "muon_with_adamw",
     "zeropower_via_newton_schulz",
+    "zeropower_via_newton_schulz_compiled",
     "zeropower_via_newton_schulz_float32",
     "adjusted_lr",
 ]
@@ -69,8 +70,9 @@ def zeropower_via_newton_schulz_float32(
 ) -> Tensor:
     r""":func:`zeropower_via_newton_schulz` of a batch of same-shaped matrices
     (``matrices`` is ``(batch, rows, columns)``), for CPUs without a native bfloat16
-    matrix product: the same iteration with the same roundings to bfloat16, but every
-    matrix product runs as a float32 ``bmm``/``baddbmm``.
+    matrix product where :func:`zeropower_via_newton_schulz_compiled` does not match
+    torch: the same iteration with the same roundings to bfloat16, but every matrix
+    product runs as a float32 ``bmm``/``baddbmm``.
 
     Every matrix holds bfloat16 values throughout (stored in float32), and each step
     rounds to bfloat16 exactly where torch's bfloat16 operations round: after the norm,
@@ -257,11 +259,14 @@ class Muon(RavineOptimizer):
         step. ns_coefficients: :math:`(a, b, c)`. eps: :math:`\epsilon` >= 0. ns_steps:
         :math:`k`, an integer in [0, 100). adjust_lr_fn: None, ``"original"`` or
         ``"match_rms_adamw"``. impl (ravine only, keyword): ``"plain"`` runs torch's
-        bfloat16 Newton-Schulz iteration (bit-equal to torch.optim.Muon);
-        ``"auto"`` and ``"fast"`` run its matrix products in float32 instead
-        (:func:`zeropower_via_newton_schulz_float32`, same roundings to bfloat16,
-        much faster) on CPUs without a native bfloat16 matrix product, except that
-        ``"auto"`` keeps torch's in exact mode (``RAVINE_EXACT_SQRT=1``).
+        bfloat16 Newton-Schulz iteration; ``"auto"`` and ``"fast"`` run it in
+        ravine's compiled library on CPUs without a native bfloat16 matrix product
+        (:func:`zeropower_via_newton_schulz_compiled`, torch's numbers bit for bit,
+        many times faster). All three are bit-equal to torch.optim.Muon; where a
+        check at first use finds the compiled step does not match this torch, Muon
+        uses float32 products instead (:func:`zeropower_via_newton_schulz_float32`,
+        close to torch's but not bit-equal), except in exact mode
+        (``RAVINE_EXACT_SQRT=1``) with ``"auto"``.
     """
 
     #: The update of a matrix depends on all of it: coordinates are not independent.
@@ -271,9 +276,9 @@ class Muon(RavineOptimizer):
     #: The rule acts on matrices; a lone vector (a landscape point) has none.
     needs_matrices = True
     #: On CPUs without a native bfloat16 matrix product, the Newton-Schulz iteration
-    #: runs its products in float32 (:func:`zeropower_via_newton_schulz_float32`),
-    #: batched over same-shaped matrices; not bit-equal to torch's, so exact mode and
-    #: ``impl="plain"`` keep torch's bfloat16 products.
+    #: runs in the compiled library with torch's numbers
+    #: (:func:`zeropower_via_newton_schulz_compiled`), batched over same-shaped
+    #: matrices; ``impl="plain"`` keeps torch's bfloat16 products.
     own_compiled_step = True
 
     def __init__(
