@@ -130,6 +130,13 @@ void product_four_sums(const float* a, const float* b, const float* c, float* ou
     int64_t j0 = 0;
     for (; j0 + 16 <= n; j0 += 16) four_sums_block<2>(row, b, k, n, j0, out_row + j0);
     for (; j0 + 8 <= n; j0 += 8) four_sums_block<1>(row, b, k, n, j0, out_row + j0);
+    if (j0 < n && n >= 8) {
+      // The last columns: a block ending at column n (columns are independent, so
+      // the overlap recomputes the same numbers).
+      float last[8];
+      four_sums_block<1>(row, b, k, n, n - 8, last);
+      for (; j0 < n; ++j0) out_row[j0] = last[j0 - (n - 8)];
+    }
     for (; j0 < n; ++j0) {
       float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       int64_t l = 0;
