@@ -227,3 +227,11 @@ def test_muon_with_adamw_equals_its_plain_path(batches, threads):
         plain.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain_model.parameters()))
     assert sorted(set(batches)) == [(1, 3, 20), (1, 20, 12)] and len(batches) == 2 * STEPS
+
+
+@pytest.mark.parametrize("shape", [(70, 90), (90, 70), (130, 130)], ids=str)
+def test_threads_sharing_one_matrix(shape, threads):
+    """Fewer matrices than threads: the threads share each matrix's rows."""
+    matrix = torch.randn((1, *shape), generator=torch.Generator().manual_seed(3))
+    ours = zeropower_via_newton_schulz_compiled(matrix, NS_COEFFICIENTS, 5, 1e-7)
+    assert torch.equal(ours[0], torch_newton_schulz(matrix[0], NS_COEFFICIENTS, 5, 1e-7).float())

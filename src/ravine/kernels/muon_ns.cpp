@@ -122,8 +122,9 @@ inline void four_sums_block(const float* row, const float* b, int64_t k, int64_t
 // out (m x n) = round(beta * c + alpha * (a @ b)), a (m x k) and b (k x n) contiguous,
 // each dot product in four partial sums (torch's order for this layout).
 void product_four_sums(const float* a, const float* b, const float* c, float* out, int64_t m, int64_t k,
-                       int64_t n, float alpha, float beta) {
+                       int64_t n, float alpha, float beta, int threads) {
   const bool has_c = beta != 0.0f;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
   for (int64_t i = 0; i < m; ++i) {
     const float* row = a + i * k;
     float* out_row = out + i * n;
@@ -154,13 +155,14 @@ void product_four_sums(const float* a, const float* b, const float* c, float* ou
 // X <- aX + BX, each rounded to bfloat16. tall: x is the transpose of the
 // parameter, as torch's view, so the first step's products sum in that layout's order.
 void newton_schulz(float* x, int64_t rows, int64_t cols, bool tall, float a, float b, float c, int64_t steps,
-                   float* work) {
+                   float* work, int threads) {
   float* gram = work;
   float* polynomial = gram + rows * rows;
   float* following = polynomial + rows * rows;
   float* columns = following + rows * cols;
   for (int64_t step = 0; step < steps; ++step) {
     const bool transposed_view = tall && step == 0;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 4)
     for (int64_t i = 0; i < rows; ++i) {
       for (int64_t j = 0; j <= i; ++j) {
         const float* xi = x + i * cols;
@@ -169,7 +171,7 @@ void newton_schulz(float* x, int64_t rows, int64_t cols, bool tall, float a, flo
         gram[i * rows + j] = gram[j * rows + i] = round_bf16(dot);
       }
     }
-    product_four_sums(gram, gram, gram, polynomial, rows, rows, rows, c, b);
+    product_four_sums(gram, gram, gram, polynomial, rows, rows, rows, c, b, threads);
     if (transposed_view) {
       // X = P^T (P the parameter's orientation, contiguous in torch): polynomial @ X
       // multiplies rows of the polynomial with rows of P.
@@ -177,6 +179,7 @@ void newton_schulz(float* x, int64_t rows, int64_t cols, bool tall, float a, flo
         for (int64_t j = 0; j < cols; ++j) columns[j * rows + i] = x[i * cols + j];
       }
       const bool has_c = a != 0.0f;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
       for (int64_t i = 0; i < rows; ++i) {
         for (int64_t j = 0; j < cols; ++j) {
           const float dot = vector_dot(polynomial + i * rows, columns + j * rows, rows);
@@ -184,7 +187,7 @@ void newton_schulz(float* x, int64_t rows, int64_t cols, bool tall, float a, flo
         }
       }
     } else {
-      product_four_sums(polynomial, x, x, following, rows, rows, cols, 1.0f, a);
+      product_four_sums(polynomial, x, x, following, rows, rows, cols, 1.0f, a, threads);
     }
     std::memcpy(x, following, sizeof(float) * rows * cols);
   }
@@ -200,16 +203,25 @@ int64_t ravine_muon_work_size(int64_t rows, int64_t cols) {
 }
 
 // x: batch contiguous (rows x cols) matrices, rows <= cols, normalised, bfloat16
-// values; overwritten with the result. One matrix per thread.
+// values; overwritten with the result. One matrix per thread when there are at least
+// as many matrices as threads, else the threads share each matrix's rows. Every
+// element's sum is the same either way.
 void ravine_muon_newton_schulz(float* x, int64_t batch, int64_t rows, int64_t cols, int32_t tall, float a, float b,
                                float c, int64_t steps, int32_t threads) {
   const int64_t size = ravine_muon_work_size(rows, cols);
+  if (batch < threads) {
+    std::vector<float> work(size);
+    for (int64_t index = 0; index < batch; ++index) {
+      newton_schulz(x + index * rows * cols, rows, cols, tall != 0, a, b, c, steps, work.data(), threads);
+    }
+    return;
+  }
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> work(size);
 #pragma omp for schedule(dynamic)
     for (int64_t index = 0; index < batch; ++index) {
-      newton_schulz(x + index * rows * cols, rows, cols, tall != 0, a, b, c, steps, work.data());
+      newton_schulz(x + index * rows * cols, rows, cols, tall != 0, a, b, c, steps, work.data(), 1);
     }
   }
 }

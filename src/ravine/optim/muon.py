@@ -166,9 +166,10 @@ def zeropower_via_newton_schulz_compiled(
     ortho = (ortho.transpose(1, 2) if tall else ortho).float().contiguous()
     batch, rows, columns = ortho.shape
     if steps > 0 and batch > 0:
+        # threads share the work when it is large: whole matrices, or one matrix's rows
         threads = torch.get_num_threads() if ortho.numel() * rows >= 1 << 16 else 1
         _compiled_library().ravine_muon_newton_schulz(
-            ortho.data_ptr(), batch, rows, columns, int(tall), a, b, c, steps, max(1, min(threads, batch))
+            ortho.data_ptr(), batch, rows, columns, int(tall), a, b, c, steps, threads
         )
     return ortho.transpose(1, 2) if tall else ortho
 
