@@ -3,6 +3,7 @@ and :class:`MuonWithAdamW` / :func:`muon_with_adamw` to train a whole model with
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import sys
@@ -13,10 +14,19 @@ import torch
 from torch import Tensor
 
 from ravine import transforms as T
+from ravine.kernels import cpu as _cpu
 from ravine.optim.adam import AdamW
 from ravine.optim.base import RavineOptimizer, check_range, narrowest_dtype, scalar
 
-__all__ = ["Muon", "MuonWithAdamW", "muon_with_adamw", "zeropower_via_newton_schulz", "adjusted_lr"]
+__all__ = [
+    "Muon",
+    "MuonWithAdamW",
+    "muon_with_adamw",
+    "zeropower_via_newton_schulz",
+    "zeropower_via_newton_schulz_compiled",
+    "zeropower_via_newton_schulz_float32",
+    "adjusted_lr",
+]
 
 # The quintic Newton–Schulz coefficients and defaults of torch.optim.Muon (from
 # Jordan et al., 2024).
@@ -53,6 +63,158 @@ def zeropower_via_newton_schulz(
         polynomial = torch.addmm(gram, gram, gram, beta=b, alpha=c)
         ortho = torch.addmm(ortho, polynomial, ortho, beta=a)
     return ortho.T if tall else ortho
+
+
+def zeropower_via_newton_schulz_float32(
+    matrices: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+) -> Tensor:
+    r""":func:`zeropower_via_newton_schulz` of a batch of same-shaped matrices
+    (``matrices`` is ``(batch, rows, columns)``), for CPUs without a native bfloat16
+    matrix product where :func:`zeropower_via_newton_schulz_compiled` does not match
+    torch: the same iteration with the same roundings to bfloat16, but every matrix
+    product runs as a float32 ``bmm``/``baddbmm``.
+
+    Every matrix holds bfloat16 values throughout (stored in float32), and each step
+    rounds to bfloat16 exactly where torch's bfloat16 operations round: after the norm,
+    after the division by it, after :math:`X X^\top`, after :math:`bA + cA^2` and after
+    :math:`aX + (bA + cA^2)X` (an ``addmm`` in bfloat16 computes ``beta * C + alpha *
+    (A @ B)`` in float32 and rounds once). A product of two bfloat16 numbers is exact in
+    float32, so the only difference from torch's bfloat16 path is the order in which
+    float32 adds up each dot product; it moves a rounding to bfloat16 by one unit now
+    and then, and the iteration carries such differences on (see docs/fast_path.md for
+    how often and how far). Returns float32 ``(batch, rows, columns)`` with bfloat16
+    values.
+    """
+    a, b, c = coefficients
+    ortho = matrices.bfloat16()
+    tall = matrices.size(1) > matrices.size(2)
+    if tall:
+        ortho = ortho.transpose(1, 2)
+    # torch rounds the norm to bfloat16 and clamps it there, then divides in float32
+    # and rounds the quotient: the same operations on a batch.
+    ortho = ortho.float()
+    norms = torch.linalg.vector_norm(ortho, dim=(1, 2)).bfloat16().clamp(min=eps).float()
+    ortho_bf16 = torch.empty_like(ortho, dtype=torch.bfloat16)
+    _round_to_bfloat16_(ortho.div_(norms[:, None, None]), ortho_bf16)
+    if steps == 0:
+        return ortho.transpose(1, 2) if tall else ortho
+    batch, rows, _ = ortho.shape
+    gram = ortho.new_empty(batch, rows, rows)
+    polynomial = torch.empty_like(gram)
+    gram_bf16 = torch.empty_like(gram, dtype=torch.bfloat16)
+    following = torch.empty_like(ortho)
+    for _ in range(steps):
+        # A = X X^T;  B = b A + c A A;  X <- a X + B X, each rounded to bfloat16.
+        _round_to_bfloat16_(torch.bmm(ortho, ortho.transpose(1, 2), out=gram), gram_bf16)
+        _round_to_bfloat16_(torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=polynomial), gram_bf16)
+        _round_to_bfloat16_(torch.baddbmm(ortho, polynomial, ortho, beta=a, out=following), ortho_bf16)
+        ortho, following = following, ortho
+    return ortho.transpose(1, 2) if tall else ortho
+
+
+def _round_to_bfloat16_(values: Tensor, scratch: Tensor) -> Tensor:
+    """Round ``values`` (float32) to the nearest bfloat16, ties to even, in place,
+    through ``scratch`` (a bfloat16 tensor of the same shape): two copies, faster
+    than allocating a bfloat16 tensor and a float32 one."""
+    scratch.copy_(values)
+    return values.copy_(scratch)
+
+
+def _float32_products_apply(param: Tensor, direction: Tensor) -> bool:
+    """Whether the float32 orthogonalisation takes this parameter: a dense float32 or
+    float64 CPU matrix (not a DTensor) on a CPU without a native bfloat16 product."""
+    return (
+        param.device.type == "cpu"
+        and not _native_bfloat16_matmul("cpu")
+        and param.dtype in (torch.float32, torch.float64)
+        and direction.layout == torch.strided
+        and type(param) in (torch.Tensor, torch.nn.Parameter)  # not a DTensor or another subclass
+    )
+
+
+@functools.cache
+def _native_bfloat16_matmul(device_type: str) -> bool:
+    """Whether torch's bfloat16 matrix product is fast on this device type: everywhere
+    but on a CPU that oneDNN cannot run it on (no AVX-512 or AMX), where torch falls
+    back to a scalar loop 60 to 100 times slower than float32's."""
+    if device_type != "cpu":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def zeropower_via_newton_schulz_compiled(
+    matrices: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+) -> Tensor:
+    r""":func:`zeropower_via_newton_schulz` of a batch of same-shaped matrices
+    (``(batch, rows, columns)``, at least 2 x 2) with torch's numbers, bit for bit,
+    where torch has no native bfloat16 matrix product: its loops then add up each dot
+    product in float32 in an order fixed by the operands' layout, and ravine's compiled
+    step (``kernels/muon_ns.cpp``) adds up in the same orders and rounds to bfloat16
+    where torch does, with vectorised loops and one thread per matrix. The norm and
+    the division are torch's own bfloat16 operations. Returns float32
+    ``(batch, rows, columns)`` with bfloat16 values.
+    """
+    a, b, c = coefficients
+    ortho = matrices.bfloat16()
+    tall = matrices.size(1) > matrices.size(2)
+    for matrix in ortho:  # torch's operations, on the view torch takes the norm of
+        view = matrix.T if tall else matrix
+        view.div_(view.norm().clamp(min=eps))
+    ortho = (ortho.transpose(1, 2) if tall else ortho).float().contiguous()
+    batch, rows, columns = ortho.shape
+    if steps > 0 and batch > 0:
+        # threads share the work when it is large: whole matrices, or one matrix's rows
+        threads = torch.get_num_threads() if ortho.numel() * rows >= 1 << 16 else 1
+        _compiled_library().ravine_muon_newton_schulz(
+            ortho.data_ptr(), batch, rows, columns, int(tall), a, b, c, steps, threads
+        )
+    return ortho.transpose(1, 2) if tall else ortho
+
+
+def _compiled_library():
+    """ravine's compiled library with the Newton-Schulz entry point's argument types."""
+    library = _cpu.load()
+    if library.ravine_muon_newton_schulz.argtypes is None:
+        library.ravine_muon_newton_schulz.restype = None
+        library.ravine_muon_newton_schulz.argtypes = [
+            ctypes.c_void_p,  # matrices, overwritten
+            ctypes.c_int64,  # batch
+            ctypes.c_int64,  # rows (<= columns)
+            ctypes.c_int64,  # columns
+            ctypes.c_int32,  # tall: the matrices are transposed parameters
+            ctypes.c_float,  # a
+            ctypes.c_float,  # b
+            ctypes.c_float,  # c
+            ctypes.c_int64,  # steps
+            ctypes.c_int32,  # threads
+        ]
+    return library
+
+
+@functools.cache
+def compiled_matches_torch() -> bool:
+    """Whether the compiled Newton-Schulz step gives torch's numbers here, checked once
+    on a few matrices (wide and tall, with and without the 64-element blocks and
+    tails of torch's dot products); False where the library does not build or torch
+    runs its bfloat16 products another way (another version, native bfloat16)."""
+    if _cpu.unavailable_reason() is not None or _native_bfloat16_matmul("cpu"):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    for shape in ((2, 3), (9, 5), (19, 150), (150, 19), (70, 70)):
+        matrices = torch.randn((2, *shape), generator=generator)
+        ours = zeropower_via_newton_schulz_compiled(matrices, NS_COEFFICIENTS, NS_STEPS, EPS)
+        for matrix, result in zip(matrices, ours):
+            if not torch.equal(zeropower_via_newton_schulz(matrix, NS_COEFFICIENTS, NS_STEPS, EPS).float(), result):
+                return False
+    return True
+
+
+#: At most this many elements per stacked batch of matrices in the float32
+#: orthogonalisation (16 MiB a float32 temporary), so memory stays bounded.
+BATCH_ELEMENTS = 1 << 22
 
 
 def adjusted_lr(lr: float | Tensor, adjust_lr_fn: str | None, shape: torch.Size) -> float | Tensor:
@@ -97,7 +259,15 @@ class Muon(RavineOptimizer):
         >= 0 (decoupled). momentum: :math:`\mu` >= 0. nesterov: look ahead by one momentum
         step. ns_coefficients: :math:`(a, b, c)`. eps: :math:`\epsilon` >= 0. ns_steps:
         :math:`k`, an integer in [0, 100). adjust_lr_fn: None, ``"original"`` or
-        ``"match_rms_adamw"``.
+        ``"match_rms_adamw"``. impl (ravine only, keyword): ``"plain"`` runs torch's
+        bfloat16 Newton-Schulz iteration; ``"auto"`` and ``"fast"`` run it in
+        ravine's compiled library on CPUs without a native bfloat16 matrix product
+        (:func:`zeropower_via_newton_schulz_compiled`, torch's numbers bit for bit,
+        many times faster). All three are bit-equal to torch.optim.Muon; where a
+        check at first use finds the compiled step does not match this torch, Muon
+        uses float32 products instead (:func:`zeropower_via_newton_schulz_float32`,
+        close to torch's but not bit-equal), except in exact mode
+        (``RAVINE_EXACT_SQRT=1``) with ``"auto"``.
     """
 
     #: The update of a matrix depends on all of it: coordinates are not independent.
@@ -106,6 +276,11 @@ class Muon(RavineOptimizer):
     reads_step_counts = False
     #: The rule acts on matrices; a lone vector (a landscape point) has none.
     needs_matrices = True
+    #: On CPUs without a native bfloat16 matrix product, the Newton-Schulz iteration
+    #: runs in the compiled library with torch's numbers
+    #: (:func:`zeropower_via_newton_schulz_compiled`), batched over same-shaped
+    #: matrices; ``impl="plain"`` keeps torch's bfloat16 products.
+    own_compiled_step = True
 
     def __init__(
         self,
@@ -118,6 +293,8 @@ class Muon(RavineOptimizer):
         eps: float = EPS,
         ns_steps: int = NS_STEPS,
         adjust_lr_fn: str | None = None,
+        *,
+        impl: str = "auto",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -130,7 +307,7 @@ class Muon(RavineOptimizer):
             "adjust_lr_fn": adjust_lr_fn,
         }
         self.check_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, impl=impl)
 
     def check_group(self, group: dict[str, Any]) -> None:
         # lr, weight_decay and momentum scale the parameters and the buffer (the
@@ -140,7 +317,8 @@ class Muon(RavineOptimizer):
         largest_lr = None
         if dtype is not None and group["adjust_lr_fn"] in ADJUST_LR_FNS:
             # the step applies lr times the shape's adjustment (adjusted_lr), which must fit too
-            ratios = [adjusted_lr(1.0, group["adjust_lr_fn"], p.shape) for p in group["params"] if p.ndim == 2]
+            shapes = {p.shape for p in group["params"] if p.ndim == 2}
+            ratios = [adjusted_lr(1.0, group["adjust_lr_fn"], shape) for shape in shapes]
             largest_lr = float(torch.finfo(dtype).max) / max([1.0, *ratios])
         check_range("lr", group["lr"], 0.0, largest_lr, representable_in=dtype)
         check_range("weight_decay", group["weight_decay"], 0.0, representable_in=dtype)
@@ -187,7 +365,35 @@ class Muon(RavineOptimizer):
         directions = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
         if group["weight_decay"] != 0:
             T.decay_weights_(params, scalar(1 - lr * group["weight_decay"]))
-        for param, direction in zip(params, directions):
+        # Same-shaped matrices are orthogonalised together: by the compiled step (torch's
+        # numbers) where it matches torch here, else by float32 products (close to
+        # torch's, not bit-equal: not in exact mode).
+        batched: dict[tuple, list[int]] = {}
+        compiled = self.use_compiled_step(bit_equal=True) and compiled_matches_torch()
+        float32 = self.use_compiled_step(bit_equal=False)
+        if compiled or float32:
+            for index, param in enumerate(params):
+                if not _float32_products_apply(param, directions[index]):
+                    continue
+                if compiled and min(param.shape) >= 2:
+                    batched.setdefault((True, param.shape, param.dtype), []).append(index)
+                elif float32:
+                    batched.setdefault((False, param.shape, param.dtype), []).append(index)
+        for (exact, shape, _), indices in batched.items():
+            alpha = -scalar(adjusted_lr(lr, group["adjust_lr_fn"], shape))
+            size = max(1, BATCH_ELEMENTS // max(1, math.prod(shape)))
+            orthogonalise = zeropower_via_newton_schulz_compiled if exact else zeropower_via_newton_schulz_float32
+            for start in range(0, len(indices), size):
+                chunk = indices[start : start + size]
+                stacked = torch.stack([directions[index] for index in chunk])
+                orthogonal = orthogonalise(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                # Adding the float32 copy of a bfloat16 update gives the same sums as
+                # adding the bfloat16 tensor (torch converts it exactly first).
+                torch._foreach_add_([params[index] for index in chunk], list(orthogonal.unbind(0)), alpha=alpha)
+        done = {index for indices in batched.values() for index in indices}
+        for index, (param, direction) in enumerate(zip(params, directions)):
+            if index in done:
+                continue
             orthogonal = zeropower_via_newton_schulz(direction, group["ns_coefficients"], group["ns_steps"], group["eps"])
             param.add_(orthogonal, alpha=-scalar(adjusted_lr(lr, group["adjust_lr_fn"], param.shape)))
 
@@ -220,7 +426,8 @@ class MuonWithAdamW(Muon):
         learning rate; None uses ``lr`` (a good match with
         ``adjust_lr_fn="match_rms_adamw"``, which gives Muon's update AdamW's RMS).
         adamw_betas, adamw_eps: AdamW's betas and eps. adamw_weight_decay: AdamW's
-        decoupled weight decay; None uses ``weight_decay``.
+        decoupled weight decay; None uses ``weight_decay``. impl: Muon's, as in
+        :class:`Muon` (AdamW's groups take AdamW's plain path).
     """
 
     reads_step_counts = True  # the AdamW groups' bias corrections read them
@@ -241,6 +448,7 @@ class MuonWithAdamW(Muon):
         adamw_betas: tuple[float, float] = (0.9, 0.999),
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float | None = None,
+        impl: str = "auto",
     ) -> None:
         self.adamw_defaults = {
             "lr": lr if adamw_lr is None else adamw_lr,
@@ -272,7 +480,9 @@ class MuonWithAdamW(Muon):
         # An AdamW group that sets its own lr keeps it; one split off a group follows
         # that group's lr when adamw_lr is None.
         self._adamw_lr_follows_lr = adamw_lr is None
-        super().__init__(params, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn)
+        super().__init__(
+            params, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, impl=impl
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim pickles only defaults, state and param groups.
