@@ -30,6 +30,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -107,21 +108,36 @@ def _library_path(compiler: str) -> Path:
 
 
 def _compile(compiler: str, target: Path) -> None:
+    """Compile every source to an object file, several at once (one per core), then
+    link them into ``target``."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Compile to a temporary name and rename, so concurrent builds never see half a file.
-    handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(handle)
-    try:
+    compile_flags = [flag for flag in FLAGS if flag != "-shared"]
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        objects = [Path(scratch) / f"{source.stem}.o" for source in _sources()]
+        commands = [
+            [compiler, *compile_flags, "-c", str(source), "-o", str(obj)] for source, obj in zip(_sources(), objects)
+        ]
+        def run(command: list[str]) -> str | None:
+            """None when ``command`` compiled its file, else why not."""
+            name = Path(command[-3]).name
+            try:
+                result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
+            except (OSError, subprocess.SubprocessError) as error:
+                return f"{name}: {error}"
+            return None if result.returncode == 0 else f"{name}: {result.stderr.strip()[-2000:]}"
+
+        with ThreadPoolExecutor(max_workers=max(1, min(len(commands), os.cpu_count() or 1))) as pool:
+            failures = [failure for failure in pool.map(run, commands) if failure is not None]
+        if failures:
+            raise KernelUnavailable(f"compiling with {compiler} failed: {' | '.join(failures)}")
+        # Link to a temporary name and rename, so concurrent builds never see half a file.
+        temporary = Path(scratch) / target.name
         result = subprocess.run(
-            [compiler, *FLAGS, *map(str, _sources()), "-o", temporary], capture_output=True, text=True, timeout=600
+            [compiler, *FLAGS, *map(str, objects), "-o", str(temporary)], capture_output=True, text=True, timeout=600
         )
         if result.returncode != 0:
-            names = ", ".join(path.name for path in _sources())
-            raise KernelUnavailable(f"compiling {names} with {compiler} failed: {result.stderr.strip()[-2000:]}")
+            raise KernelUnavailable(f"linking with {compiler} failed: {result.stderr.strip()[-2000:]}")
         os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def _vml_sqrt() -> tuple[int | None, int | None]:
