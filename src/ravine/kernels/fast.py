@@ -320,12 +320,11 @@ class FastPart:
 
     def grads_ready(self) -> bool:
         """Whether every gradient is dense and contiguous (checked every step)."""
-        grad_pointers = self.pointers[:, 1]
-        for t, p in enumerate(self.params):
-            grad = p.grad
-            if grad.is_sparse or not grad.is_contiguous():
-                return False
-            grad_pointers[t] = grad.data_ptr()
+        # List comprehensions, not a loop: this runs for every tensor of every step.
+        grads = [p.grad for p in self.params]
+        if not all([grad.layout is torch.strided and grad.is_contiguous() for grad in grads]):
+            return False
+        self.pointers[:, 1] = [grad.data_ptr() for grad in grads]
         return True
 
     def run(self, flags: int, hyperparameters: np.ndarray, per_step: dict[float, list[float]], steps: list[float]) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -535,7 +536,11 @@ class _Plan:
         self.blocks: list[_Block] = blocks
         self.dense: list[tuple[Tensor, dict[str, Any]]] = dense
         self.watched: list[tuple[dict[str, Any], str, Tensor]] = watched
-        self.pointers = [(p, p.data_ptr()) for p, _ in dense]
+        self.params = [p for p, _ in dense]
+        self.pointers = [p.data_ptr() for p in self.params]
+        self.watched_states = [state for state, _, _ in watched]
+        self.watched_names = [name for _, name, _ in watched]
+        self.watched_tensors = [tensor for _, _, tensor in watched]
         self.state_table = state_table
         self.state_count = len(state_table)
         # The compiled step's share of the parameters, and blocks for the rest.
@@ -559,8 +564,8 @@ class _Plan:
         return (
             state_table is self.state_table
             and len(state_table) == self.state_count
-            and all(p.data_ptr() == pointer for p, pointer in self.pointers)
-            and all(state.get(name) is tensor for state, name, tensor in self.watched)
+            and [p.data_ptr() for p in self.params] == self.pointers
+            and all(map(operator.is_, map(dict.get, self.watched_states, self.watched_names), self.watched_tensors))
         )
 
     @staticmethod
