@@ -11,7 +11,6 @@ and some gradients missing in some steps (per-parameter step counts differ).
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -32,34 +31,6 @@ OPTIONS = [
     {"lr": torch.tensor(0.05), "weight_decay": 0.1},
 ]
 TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.float64: {"rtol": 1e-12, "atol": 1e-13}}
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    reason = ravine.kernels.cpu.unavailable_reason()
-    if reason is not None:
-        message = f"the compiled CPU step is unavailable here: {reason}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return ravine.kernels.cpu.load()
-
-
-@pytest.fixture
-def inexact(kernel):
-    """Exact mode off (the default outside the test suite), so "auto" may use the step."""
-    previous = ravine.kernels.cpu._exact_sqrt
-    ravine.kernels.cpu.set_exact_sqrt(False)
-    yield
-    ravine.kernels.cpu.set_exact_sqrt(previous)
-
-
-@pytest.fixture
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
 
 
 def make_base(shapes, dtype, seed=0):
@@ -121,7 +92,7 @@ def options_for(options):
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o) or "defaults")
-def test_compiled_step_matches_torch_and_plain(inexact, threads, dtype, options):
+def test_compiled_step_matches_torch_and_plain(hardware_sqrt, threads, dtype, options):
     base = make_base(SHAPES, dtype)
     fast = train(lambda ps: ravine.Adafactor(ps, **options_for(options), impl="fast"), base)
     auto = train(lambda ps: ravine.Adafactor(ps, **options_for(options)), base)
@@ -154,7 +125,7 @@ MANY = [(17, 61)] * 20 + [(3, 11, 29)] * 10 + [(1001,)] * 10 + [(5,)] * 5
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shapes", [LARGE, MANY], ids=["large", "many"])
-def test_large_calls_split_over_threads_match_torch(inexact, threads, dtype, shapes):
+def test_large_calls_split_over_threads_match_torch(hardware_sqrt, threads, dtype, shapes):
     base = make_base(shapes, dtype)
     fast = train(lambda ps: ravine.Adafactor(ps, weight_decay=0.01, impl="fast"), base, steps=6)
     reference = train(lambda ps: torch.optim.Adafactor(ps, weight_decay=0.01, foreach=False), base, steps=6)
@@ -162,7 +133,7 @@ def test_large_calls_split_over_threads_match_torch(inexact, threads, dtype, sha
     assert_close(fast, reference, dtype)
 
 
-def test_ineligible_parameters_take_the_plain_path_in_the_same_step(inexact):
+def test_ineligible_parameters_take_the_plain_path_in_the_same_step(hardware_sqrt):
     generator = torch.Generator().manual_seed(5)
     base = [
         torch.randn(6, 5, generator=generator),
@@ -189,7 +160,7 @@ def test_ineligible_parameters_take_the_plain_path_in_the_same_step(inexact):
             torch.testing.assert_close(fast[1].state[a][key].double(), plain[1].state[b][key].double(), rtol=1e-5, atol=1e-6)
 
 
-def test_non_contiguous_gradient_takes_the_plain_path_for_that_step(inexact):
+def test_non_contiguous_gradient_takes_the_plain_path_for_that_step(hardware_sqrt):
     base = make_base([(6, 4), (5,), (3, 3)], torch.float32)
 
     def transpose_some(params, step):
@@ -203,7 +174,7 @@ def test_non_contiguous_gradient_takes_the_plain_path_for_that_step(inexact):
 
 
 @pytest.mark.parametrize("first, second", [("fast", "plain"), ("plain", "fast")])
-def test_state_dict_round_trip_between_fast_and_plain(inexact, first, second):
+def test_state_dict_round_trip_between_fast_and_plain(hardware_sqrt, first, second):
     base = make_base(SHAPES[:9] + [(37, 129)], torch.float32)
     params, optimizer = train(lambda ps: ravine.Adafactor(ps, impl=first), base, steps=10)
     saved = optimizer.state_dict()
@@ -219,7 +190,7 @@ def test_state_dict_round_trip_between_fast_and_plain(inexact, first, second):
     assert compiled_steps(resumed_optimizer) == (10 if second == "fast" else 0)
 
 
-def test_loading_a_state_dict_into_a_running_compiled_step(inexact):
+def test_loading_a_state_dict_into_a_running_compiled_step(hardware_sqrt):
     base = make_base([(5, 9), (7,)], torch.float32)
     params, optimizer = train(lambda ps: ravine.Adafactor(ps, impl="fast"), base, steps=5)
     saved = copy.deepcopy(optimizer.state_dict())  # state_dict() holds the live tensors
@@ -269,7 +240,7 @@ def test_impl_fast_raises_when_unavailable_and_auto_falls_back(monkeypatch):
     assert torch.equal(auto[0][0], reference[0][0])
 
 
-def test_a_raising_step_changes_nothing(inexact):
+def test_a_raising_step_changes_nothing(hardware_sqrt):
     base = make_base([(5, 9), (7,)], torch.float32)
     params, optimizer = train(lambda ps: ravine.Adafactor(ps, impl="fast"), base, steps=3)
     optimizer.nonfinite = "raise"
@@ -290,7 +261,7 @@ def test_a_raising_step_changes_nothing(inexact):
             assert torch.equal(t, state_before[k][n])
 
 
-def test_several_groups_keep_their_own_tables(inexact):
+def test_several_groups_keep_their_own_tables(hardware_sqrt):
     base = make_base([(5, 9), (7,), (3, 4, 5), (6,)], torch.float32)
 
     def make(impl):
@@ -305,7 +276,7 @@ def test_several_groups_keep_their_own_tables(inexact):
     assert_close(fast, reference, torch.float32)
 
 
-def test_replaced_state_tensors_rebuild_the_tables(inexact):
+def test_replaced_state_tensors_rebuild_the_tables(hardware_sqrt):
     base = make_base([(5, 9), (7,)], torch.float32)
     params, optimizer = train(lambda ps: ravine.Adafactor(ps, impl="fast"), base, steps=4)
     reference = train(lambda ps: torch.optim.Adafactor(ps, foreach=False), base, steps=4)

@@ -5,7 +5,6 @@ plain path)."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -22,51 +21,12 @@ SHAPES = [(), (1,), (0,), (7,), (3, 4), (3001,), (5, 6)]
 STEPS = 25
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    reason = ravine.kernels.cpu.unavailable_reason()
-    if reason is not None:
-        message = f"the compiled CPU step is unavailable here: {reason}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return ravine.kernels.cpu.load()
-
-
 @pytest.fixture(autouse=True)
 def small_items(monkeypatch):
     """Work items of 1000 elements, so one tensor spans several, and threads used
     however small the call."""
     monkeypatch.setattr(ravine.kernels.fast, "ITEM_ELEMENTS", 1000)
     monkeypatch.setattr(ravine.kernels.fast, "PARALLEL_ELEMENTS", 0)
-
-
-@pytest.fixture
-def exact_sqrt(kernel):
-    """Square roots through torch's own function, for bit-equal results."""
-    previous = ravine.kernels.cpu._exact_sqrt
-    if not ravine.kernels.cpu.set_exact_sqrt(True):
-        ravine.kernels.cpu.set_exact_sqrt(previous)
-        pytest.skip("torch's square root function (MKL VML) is not exported by this torch build")
-    yield
-    ravine.kernels.cpu.set_exact_sqrt(previous)
-
-
-@pytest.fixture
-def hardware_sqrt(kernel):
-    """The default mode: hardware square roots, and LAMB's compiled step in use."""
-    previous = ravine.kernels.cpu._exact_sqrt
-    ravine.kernels.cpu.set_exact_sqrt(False)
-    yield
-    ravine.kernels.cpu.set_exact_sqrt(previous)
-
-
-@pytest.fixture
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
 
 
 def make_params(dtype, seed=0):

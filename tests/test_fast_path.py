@@ -5,7 +5,6 @@ unavailable, and no new tensors in steady-state steps."""
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -22,18 +21,6 @@ FAST_OPTION_SETS = [(case, options) for case, options in all_option_sets() if ca
 # a non-contiguous one (which takes the plain path in the same step).
 SHAPES = [(), (7,), (3, 4), (3001,), (5, 6)]
 STEPS = 25
-
-
-@pytest.fixture(scope="session")
-def kernel():
-    """Build (or load) the compiled step once per test session."""
-    reason = ravine.kernels.cpu.unavailable_reason()
-    if reason is not None:
-        message = f"the compiled CPU step is unavailable here: {reason}"
-        if os.environ.get("CI"):  # CI machines have a C++ compiler: a missing build is a failure
-            pytest.fail(message)
-        pytest.skip(message)
-    return ravine.kernels.cpu.load()
 
 
 @pytest.fixture(autouse=True)
@@ -87,26 +74,6 @@ def assert_identical(ours, theirs):
 def uses_fast_path(optimizer) -> bool:
     plans = optimizer.__dict__.get("_plans", {}).values()
     return any(part.steps_taken for plan in plans for part in plan.fast_parts)
-
-
-@pytest.fixture
-def exact_sqrt(kernel):
-    """Square roots through torch's own function, for bit-equal results."""
-    previous = ravine.kernels.cpu._exact_sqrt
-    if not ravine.kernels.cpu.set_exact_sqrt(True):
-        ravine.kernels.cpu.set_exact_sqrt(previous)
-        pytest.skip("torch's square root function (MKL VML) is not exported by this torch build")
-    yield
-    ravine.kernels.cpu.set_exact_sqrt(previous)
-
-
-@pytest.fixture
-def hardware_sqrt(kernel):
-    """The default: the hardware square root."""
-    previous = ravine.kernels.cpu._exact_sqrt
-    ravine.kernels.cpu.set_exact_sqrt(False)
-    yield
-    ravine.kernels.cpu.set_exact_sqrt(previous)
 
 
 def assert_close(ours, theirs, rtol, atol):

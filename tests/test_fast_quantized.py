@@ -5,7 +5,6 @@ learning rate that changes every step; close with the hardware square root."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -35,47 +34,10 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="session")
-def kernel():
-    reason = ravine.kernels.cpu.unavailable_reason()
-    if reason is not None:
-        message = f"the compiled CPU step is unavailable here: {reason}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return ravine.kernels.cpu.load()
-
-
 @pytest.fixture(autouse=True)
 def small_items(monkeypatch):
     """Work items of 3 blocks, so one tensor spans several."""
     monkeypatch.setattr(compiled, "ITEM_BLOCKS", 3)
-
-
-@pytest.fixture
-def exact_sqrt(kernel):
-    previous = ravine.kernels.cpu._exact_sqrt
-    if not ravine.kernels.cpu.set_exact_sqrt(True):
-        ravine.kernels.cpu.set_exact_sqrt(previous)
-        pytest.skip("torch's square root function (MKL VML) is not exported by this torch build")
-    yield
-    ravine.kernels.cpu.set_exact_sqrt(previous)
-
-
-@pytest.fixture
-def hardware_sqrt(kernel):
-    previous = ravine.kernels.cpu._exact_sqrt
-    ravine.kernels.cpu.set_exact_sqrt(False)
-    yield
-    ravine.kernels.cpu.set_exact_sqrt(previous)
-
-
-@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
 
 
 def make_params(shapes=SHAPES, seed=0):
