@@ -106,4 +106,41 @@ inline void split_at_sqrt(const Rule rule, int64_t n) {  // by value: its pointe
   }
 }
 
+// Adam / AdamW's element rule, as torch's list operations round it (cpu_step.cpp's
+// Adam family on the parameters' own state, quantized.cpp's on decoded 8-bit state):
+// p *= 1 - lr wd (decoupled); g = -grad (maximize) + wd p (L2);
+// m = lerp(m, g, 1 - beta1); v = beta2 v + (1 - beta2) g g; vmax = max(vmax, v)
+// (AMSGrad); p += (-lr / (1 - beta1^t)) m / (sqrt(v) / sqrt(1 - beta2^t) + eps).
+// Split around the square root for split_at_sqrt.
+template <typename T, bool L2, bool Decoupled, bool Amsgrad, bool Small>
+struct AdamRule {
+  T* __restrict param;
+  const T* __restrict grad;
+  T* __restrict exp_avg;
+  T* __restrict exp_avg_sq;
+  T* __restrict max_exp_avg_sq;
+  T one_minus_beta1, one_minus_beta1_minus_one, beta2, one_minus_beta2, eps, weight_decay, decay_factor, sign;
+  T neg_step_size, bias_correction2_root;
+  inline T front(int64_t j, T&) const {
+    T p = param[j];
+    if (Decoupled) {
+      p = p * decay_factor;
+      param[j] = p;
+    }
+    T g = grad[j] * sign;
+    if (L2) g = fused(p, weight_decay, g);
+    exp_avg[j] = lerp(exp_avg[j], g, one_minus_beta1, one_minus_beta1_minus_one, Small);
+    T v = fused(one_minus_beta2 * g, g, exp_avg_sq[j] * beta2);
+    exp_avg_sq[j] = v;
+    if (Amsgrad) {
+      v = maximum(max_exp_avg_sq[j], v);
+      max_exp_avg_sq[j] = v;
+    }
+    return v;
+  }
+  inline void back(int64_t j, T root, T) const {
+    param[j] += neg_step_size * exp_avg[j] / (root / bias_correction2_root + eps);
+  }
+};
+
 }  // namespace ravine_kernels

@@ -162,38 +162,6 @@ void rmsprop(T** slots, int64_t start, int64_t n, const double* hp, const double
 // Adam / AdamW. hp: 1 - beta1, beta2, 1 - beta2, eps, weight_decay (L2), decay
 // factor 1 - lr wd (decoupled). per-tensor: -lr / (1 - beta1^t), sqrt(1 - beta2^t).
 // Slots: param, grad, exp_avg, exp_avg_sq, [max_exp_avg_sq].
-template <typename T, bool L2, bool Decoupled, bool Amsgrad, bool Small>
-struct AdamRule {
-  T* __restrict param;
-  const T* __restrict grad;
-  T* __restrict exp_avg;
-  T* __restrict exp_avg_sq;
-  T* __restrict max_exp_avg_sq;
-  T one_minus_beta1, one_minus_beta1_minus_one, beta2, one_minus_beta2, eps, weight_decay, decay_factor, sign;
-  T neg_step_size, bias_correction2_root;
-  bool small;
-  inline T front(int64_t j, T&) const {
-    T p = param[j];
-    if (Decoupled) {
-      p = p * decay_factor;
-      param[j] = p;
-    }
-    T g = grad[j] * sign;
-    if (L2) g = fused(p, weight_decay, g);
-    exp_avg[j] = lerp(exp_avg[j], g, one_minus_beta1, one_minus_beta1_minus_one, Small);
-    T v = fused(one_minus_beta2 * g, g, exp_avg_sq[j] * beta2);
-    exp_avg_sq[j] = v;
-    if (Amsgrad) {
-      v = maximum(max_exp_avg_sq[j], v);
-      max_exp_avg_sq[j] = v;
-    }
-    return v;
-  }
-  inline void back(int64_t j, T root, T) const {
-    param[j] += neg_step_size * exp_avg[j] / (root / bias_correction2_root + eps);
-  }
-};
-
 template <typename T>
 void adam(T** slots, int64_t start, int64_t n, const double* hp, const double* per, int64_t flags) {
   const bool weight_decay = flags & HAS_WEIGHT_DECAY;
@@ -208,8 +176,7 @@ void adam(T** slots, int64_t start, int64_t n, const double* hp, const double* p
             ams ? slots[4] + start : nullptr,
             one_minus_beta1, one_minus_beta1 - T(1), static_cast<T>(hp[1]), static_cast<T>(hp[2]),
             static_cast<T>(hp[3]), static_cast<T>(hp[4]), static_cast<T>(hp[5]),
-            T((flags & MAXIMIZE) ? -1 : 1), static_cast<T>(per[0]), static_cast<T>(per[1]),
-            std::abs(one_minus_beta1) < T(0.5)};
+            T((flags & MAXIMIZE) ? -1 : 1), static_cast<T>(per[0]), static_cast<T>(per[1])};
         split_at_sqrt<T>(rule, n);
        });
       });

@@ -121,41 +121,6 @@ inline void encode(const float* values, const Codebook& book, uint8_t* codes, fl
   }
 }
 
-// Adam / AdamW on float32 state, as cpu_step.cpp's AdamRule (and torch's list
-// operations): p *= 1 - lr wd (decoupled); g = -grad (maximize) + wd p (L2);
-// m = lerp(m, g, 1 - beta1); v = beta2 v + (1 - beta2) g g; vmax = max(vmax, v)
-// (AMSGrad); p += (-lr / (1 - beta1^t)) m / (sqrt(v) / sqrt(1 - beta2^t) + eps).
-template <bool L2, bool Decoupled, bool Amsgrad, bool Small>
-struct AdamRule {
-  float* __restrict param;
-  const float* __restrict grad;
-  float* __restrict exp_avg;
-  float* __restrict exp_avg_sq;
-  float* __restrict max_exp_avg_sq;
-  float one_minus_beta1, one_minus_beta1_minus_one, beta2, one_minus_beta2, eps, weight_decay, decay_factor, sign;
-  float neg_step_size, bias_correction2_root;
-  inline float front(int64_t j, float&) const {
-    float p = param[j];
-    if (Decoupled) {
-      p = p * decay_factor;
-      param[j] = p;
-    }
-    float g = grad[j] * sign;
-    if (L2) g = fused(p, weight_decay, g);
-    exp_avg[j] = lerp(exp_avg[j], g, one_minus_beta1, one_minus_beta1_minus_one, Small);
-    float v = fused(one_minus_beta2 * g, g, exp_avg_sq[j] * beta2);
-    exp_avg_sq[j] = v;
-    if (Amsgrad) {
-      v = maximum(max_exp_avg_sq[j], v);
-      max_exp_avg_sq[j] = v;
-    }
-    return v;
-  }
-  inline void back(int64_t j, float root, float) const {
-    param[j] += neg_step_size * exp_avg[j] / (root / bias_correction2_root + eps);
-  }
-};
-
 // SGD with momentum, as cpu_step.cpp's sgd: g = -grad (maximize) + wd p;
 // b = g on the step that creates the buffer, else fma(g, 1 - dampening, b momentum);
 // d = fma(b, momentum, g) (Nesterov) or b; p = fma(d, -lr, p).
@@ -223,7 +188,7 @@ void adam_item(const Item& item, int64_t first, int64_t count, const double* hp,
       with_bool(amsgrad, [&](auto ams) {
         with_bool(std::abs(one_minus_beta1) < 0.5f, [&](auto sm) {
           run_groups(item, first, count, amsgrad ? 3 : 2, books, [&](int64_t start, int64_t n, float (*state)[kGroup]) {
-            AdamRule<decltype(l2)::value, decltype(dec)::value, decltype(ams)::value, decltype(sm)::value> rule{
+            AdamRule<float, decltype(l2)::value, decltype(dec)::value, decltype(ams)::value, decltype(sm)::value> rule{
                 item.param + start, item.grad + start, state[0], state[1], state[2],
                 one_minus_beta1, one_minus_beta1 - 1.0f, static_cast<float>(hp[1]), static_cast<float>(hp[2]),
                 static_cast<float>(hp[3]), static_cast<float>(hp[4]), static_cast<float>(hp[5]),
