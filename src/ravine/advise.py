@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from ravine import registry
+from ravine.optim.lowmem import state_bytes as count_state_bytes
 from ravine.optim.schedulefree import evaluation_mode
 from ravine.registry import split_specs
 
@@ -669,19 +670,9 @@ def _measure_state_and_time(
 
 
 def _state_size(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
-    tensors = list(_tensors_in(optimizer.state_dict()["state"]))
-    return sum(tensor.nbytes for tensor in tensors), len(tensors)
-
-
-def _tensors_in(value: Any) -> Iterable[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors_in(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors_in(item)
+    """Bytes (ravine.optim.lowmem.state_bytes) and number of the state's tensors."""
+    tensors = sum(isinstance(value, torch.Tensor) for state in optimizer.state.values() for value in state.values())
+    return count_state_bytes(optimizer), tensors
 
 
 def _range_test(
