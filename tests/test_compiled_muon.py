@@ -43,14 +43,6 @@ def batches(monkeypatch):
     return seen
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
-
-
 # Sizes around the 64-element blocks and 16-element tails of torch's vectorised dot
 # product and the 4-element groups of its partial sums; wide, tall and square.
 SHAPES = [(2, 2), (2, 3), (3, 2), (5, 80), (80, 5), (13, 63), (63, 13), (16, 64), (64, 65), (65, 64), (31, 32), (79, 81), (130, 47)]

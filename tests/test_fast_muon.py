@@ -62,14 +62,6 @@ def needs_fast_path():
         pytest.skip("impl='fast' needs the compiled CPU library to build")
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
-
-
 @pytest.fixture
 def batches(monkeypatch):
     """The (batch, rows, columns) shapes the fast orthogonalisation is called with."""
