@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ravine import transforms as T
-from ravine.optim.base import RavineOptimizer, check_range, scalar
+from ravine.optim.base import RavineOptimizer, check_betas, check_range, scalar
 from ravine.optim.lowmem import check_real_params, check_working_range, resolve_state_dtype, restore_state_dtypes, run_in_working_precision
 
 __all__ = ["Adam", "AdamW"]
@@ -93,11 +93,7 @@ class Adam(RavineOptimizer):
 
     def check_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), each in [0, 1), got {betas!r}")
-        check_range("betas[0]", betas[0], 0.0, 1.0, high_open=True)
-        check_range("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        check_betas(group["betas"])
         check_range("eps", group["eps"], 0.0)
         check_range("weight_decay", group["weight_decay"], 0.0)
         if group.get("state_dtype") is not None:

@@ -8,8 +8,7 @@ import torch
 from torch import Tensor
 
 from ravine import transforms as T
-from ravine.optim.base import RavineOptimizer, check_range, scalar
-from ravine.optim.nadam import check_betas
+from ravine.optim.base import RavineOptimizer, check_betas, check_range, scalar
 
 __all__ = ["Adamax"]
 
@@ -68,7 +67,7 @@ class Adamax(RavineOptimizer):
 
     def check_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
-        check_betas(group["betas"])
+        check_betas(group["betas"], numbers_only=True)
         check_range("eps", group["eps"], 0.0)
         check_range("weight_decay", group["weight_decay"], 0.0)
 

@@ -38,7 +38,7 @@ from ravine.kernels import cpu as _cpu
 from ravine.kernels import fast as _fast
 from ravine.transforms import all_finite, scalar
 
-__all__ = ["NONFINITE_POLICIES", "RavineOptimizer", "check_range", "scalar"]
+__all__ = ["NONFINITE_POLICIES", "RavineOptimizer", "betas_pair", "check_betas", "check_range", "scalar"]
 
 logger = logging.getLogger("ravine")
 
@@ -99,6 +99,24 @@ def check_range(
     too_high = high is not None and (number >= high if high_open else number > high)
     if too_low or too_high:
         raise ValueError(f"{name} must be in {allowed}, got {number}")
+
+
+def betas_pair(betas: Any, allowed: str) -> tuple[Any, Any]:
+    """Raise ``ValueError`` unless ``betas`` is a pair; return it. ``allowed`` names
+    the range of each beta in the message; the caller checks the values."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), each in {allowed}, got {betas!r}")
+    return betas[0], betas[1]
+
+
+def check_betas(betas: Any, *, numbers_only: bool = False) -> None:
+    """Raise ``ValueError`` unless ``betas`` is a pair with each beta in [0, 1) (Adam's
+    range); with ``numbers_only`` a tensor beta is refused too (optimizers whose
+    per-step scalars are computed on the host from the betas)."""
+    for index, beta in enumerate(betas_pair(betas, "[0, 1)")):
+        if numbers_only and isinstance(beta, Tensor):
+            raise ValueError(f"betas[{index}] must be a number in [0, 1), got a tensor")
+        check_range(f"betas[{index}]", beta, 0.0, 1.0, high_open=True)
 
 
 def narrowest_dtype(group: dict[str, Any]) -> torch.dtype | None:

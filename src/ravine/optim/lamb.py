@@ -12,8 +12,7 @@ from torch import Tensor
 from ravine import transforms as T
 from ravine.kernels import cpu
 from ravine.kernels import fast as _fast
-from ravine.optim.base import RavineOptimizer, check_range, scalar
-from ravine.optim.lion import check_betas
+from ravine.optim.base import RavineOptimizer, check_betas, check_range, scalar
 
 __all__ = ["Lamb"]
 
@@ -96,9 +95,7 @@ class Lamb(RavineOptimizer):
 
     def check_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
-        betas = check_betas(group["betas"], "[0, 1)")
-        check_range("betas[0]", betas[0], 0.0, 1.0, high_open=True)
-        check_range("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        check_betas(group["betas"])
         check_range("eps", group["eps"], 0.0)
         # weight_decay scales the parameters through torch's ``alpha``, which refuses
         # values beyond float32's range on float32 parameters.

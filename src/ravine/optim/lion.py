@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ravine import transforms as T
-from ravine.optim.base import RavineOptimizer, check_range, scalar
+from ravine.optim.base import RavineOptimizer, betas_pair, check_range, scalar
 
 __all__ = ["Lion"]
 
@@ -70,7 +70,7 @@ class Lion(RavineOptimizer):
 
     def check_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
-        betas = check_betas(group["betas"], "[0, 1]")
+        betas = betas_pair(group["betas"], "[0, 1]")
         check_range("betas[0]", betas[0], 0.0, 1.0)
         check_range("betas[1]", betas[1], 0.0, 1.0)
         check_range("weight_decay", group["weight_decay"], 0.0)
@@ -102,10 +102,3 @@ class Lion(RavineOptimizer):
         torch._foreach_add_(params, directions)
         T.scale_(exp_avgs, beta2)  # m = b2 m + (1 - b2) g
         T.add_(exp_avgs, grads, 1 - beta2)
-
-
-def check_betas(betas: Any, allowed: str) -> tuple[Any, Any]:
-    """Raise ``ValueError`` unless ``betas`` is a pair; return it."""
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), each in {allowed}, got {betas!r}")
-    return betas[0], betas[1]

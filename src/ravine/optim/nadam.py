@@ -8,9 +8,9 @@ import torch
 from torch import Tensor
 
 from ravine import transforms as T
-from ravine.optim.base import RavineOptimizer, check_range, scalar
+from ravine.optim.base import RavineOptimizer, check_betas, check_range, scalar
 
-__all__ = ["NAdam", "check_betas"]
+__all__ = ["NAdam"]
 
 
 class NAdam(RavineOptimizer):
@@ -81,7 +81,7 @@ class NAdam(RavineOptimizer):
 
     def check_group(self, group: dict[str, Any]) -> None:
         check_range("lr", group["lr"], 0.0)
-        check_betas(group["betas"])
+        check_betas(group["betas"], numbers_only=True)
         check_range("eps", group["eps"], 0.0)
         check_range("weight_decay", group["weight_decay"], 0.0)
         check_range("momentum_decay", group["momentum_decay"], 0.0)
@@ -143,13 +143,3 @@ class NAdam(RavineOptimizer):
 def momentum_coefficient(beta1: float, momentum_decay: float, step: float) -> float:
     r""":math:`\mu_t = \beta_1 (1 - \tfrac12\, 0.96^{t\psi})`, NAdam's warming-up momentum."""
     return beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
-
-
-def check_betas(betas: Any) -> None:
-    """Raise ``ValueError`` unless ``betas`` is a pair of numbers, each in [0, 1)."""
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), each in [0, 1), got {betas!r}")
-    for index, beta in enumerate(betas):
-        if isinstance(beta, Tensor):
-            raise ValueError(f"betas[{index}] must be a number in [0, 1), got a tensor")
-        check_range(f"betas[{index}]", beta, 0.0, 1.0, high_open=True)

@@ -49,8 +49,7 @@ import torch
 from torch import Tensor
 
 from ravine import transforms as T
-from ravine.optim.base import RavineOptimizer, check_range, scalar
-from ravine.optim.lion import check_betas
+from ravine.optim.base import RavineOptimizer, betas_pair, check_range, scalar
 
 __all__ = ["ScheduleFreeAdamW", "ScheduleFreeSGD", "evaluation_mode", "has_evaluation_mode"]
 
@@ -272,7 +271,7 @@ class ScheduleFreeAdamW(_ScheduleFree):
 
     def check_group(self, group: dict[str, Any]) -> None:
         self._check_schedule(group)
-        betas = check_betas(group["betas"], "(0, 1) and [0, 1)")
+        betas = betas_pair(group["betas"], "(0, 1) and [0, 1)")
         check_range("betas[0]", betas[0], 0.0, 1.0, low_open=True, high_open=True)
         check_range("betas[1]", betas[1], 0.0, 1.0, high_open=True)
         check_range("eps", group["eps"], 0.0)
