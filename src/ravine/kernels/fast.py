@@ -101,6 +101,21 @@ def _rmsprop(group, steps):
     return flags, hp, {0.0: []}
 
 
+def _adam_family(group, flags: int) -> tuple[int, list[float]]:
+    """Flags and hyperparameters that Adam, NAdam and RAdam share: 1 - beta1, beta2,
+    1 - beta2, eps, weight_decay, and the decoupled decay factor 1 - lr wd (1 when the
+    decay is added to the gradient or absent)."""
+    beta1, beta2 = group["betas"]
+    lr, weight_decay = group["lr"], group["weight_decay"]
+    decay_factor = 1.0
+    if weight_decay != 0:
+        flags |= HAS_WEIGHT_DECAY
+        if group["decoupled_weight_decay"]:
+            flags |= DECOUPLED
+            decay_factor = T.scalar(1 - lr * weight_decay)
+    return flags, [T.scalar(1 - beta1), beta2, T.scalar(1 - beta2), group["eps"], weight_decay, decay_factor]
+
+
 def _adam(group, steps):
     beta1, beta2 = group["betas"]
     if not all(_is_number(value) for value in (beta1, beta2, group["eps"], group["weight_decay"])):
@@ -108,15 +123,7 @@ def _adam(group, steps):
     if group.get("state_dtype") is not None:
         return None
     lr = group["lr"]
-    weight_decay = group["weight_decay"]
-    flags = MAXIMIZE * group["maximize"] | AMSGRAD * group["amsgrad"]
-    decay_factor = 1.0
-    if weight_decay != 0:
-        flags |= HAS_WEIGHT_DECAY
-        if group["decoupled_weight_decay"]:
-            flags |= DECOUPLED
-            decay_factor = T.scalar(1 - lr * weight_decay)
-    hp = [T.scalar(1 - beta1), beta2, T.scalar(1 - beta2), group["eps"], weight_decay, decay_factor]
+    flags, hp = _adam_family(group, MAXIMIZE * group["maximize"] | AMSGRAD * group["amsgrad"])
     # The same expressions as Adam.update, so a tensor lr rounds the same way.
     per = {
         step: [-T.scalar(lr / T.bias_correction(beta1, step)), T.bias_correction_root(beta2, step)]
@@ -144,15 +151,7 @@ def _nadam(group, steps):
     if not all(_is_number(value) for value in (beta1, beta2, group["eps"], group["weight_decay"], group["momentum_decay"])):
         return None
     lr = group["lr"]
-    weight_decay = group["weight_decay"]
-    flags = MAXIMIZE * group["maximize"]
-    decay_factor = 1.0
-    if weight_decay != 0:
-        flags |= HAS_WEIGHT_DECAY
-        if group["decoupled_weight_decay"]:
-            flags |= DECOUPLED
-            decay_factor = T.scalar(1 - lr * weight_decay)
-    hp = [T.scalar(1 - beta1), beta2, T.scalar(1 - beta2), group["eps"], weight_decay, decay_factor]
+    flags, hp = _adam_family(group, MAXIMIZE * group["maximize"])
     # NAdam's steps are (t, mu_product) pairs; the same expressions as NAdam.update.
     per = {}
     for step, mu_product in set(steps):
@@ -173,15 +172,8 @@ def _radam(group, steps):
     if not all(_is_number(value) for value in (beta1, beta2, group["eps"], group["weight_decay"])):
         return None
     lr = group["lr"]
-    weight_decay = group["weight_decay"]
-    flags = MAXIMIZE * group["maximize"]
-    decay_factor = 1.0
-    if weight_decay != 0:
-        flags |= HAS_WEIGHT_DECAY
-        if group["decoupled_weight_decay"]:
-            flags |= DECOUPLED
-            decay_factor = T.scalar(1 - lr * weight_decay)
-    hp = [T.scalar(1 - beta1), beta2, T.scalar(1 - beta2), group["eps"], weight_decay, decay_factor, T.scalar(lr)]
+    flags, hp = _adam_family(group, MAXIMIZE * group["maximize"])
+    hp.append(T.scalar(lr))
     # The same expressions as RAdam.update.
     per = {}
     for step in set(steps):
