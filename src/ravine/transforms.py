@@ -94,6 +94,21 @@ def decay_weights_(params: list[Tensor], factor: float) -> None:
     scale_(params, factor)
 
 
+def apply_weight_decay(
+    grads: list[Tensor], params: list[Tensor], lr: float | Tensor, weight_decay: float, decoupled: bool
+) -> list[Tensor]:
+    r"""Weight decay as Adam, NAdam and RAdam take it: decoupled, the parameters are
+    scaled in place by :math:`1 - \eta\lambda` (:func:`decay_weights_`) and ``grads``
+    come back unchanged; otherwise new tensors :math:`g + \lambda\theta`
+    (:func:`add_l2_penalty`). Nothing happens when :math:`\lambda = 0`."""
+    if weight_decay == 0:
+        return grads
+    if decoupled:
+        decay_weights_(params, scalar(1 - lr * weight_decay))
+        return grads
+    return add_l2_penalty(grads, params, weight_decay)
+
+
 def momentum_trace_(
     buffers: list[Tensor | None], grads: list[Tensor], momentum: float, dampening: float
 ) -> list[Tensor]:

@@ -117,11 +117,7 @@ class NAdam(RavineOptimizer):
         weight_decay = group["weight_decay"]
         if group["maximize"]:
             grads = T.negate(grads)
-        if weight_decay != 0:
-            if group["decoupled_weight_decay"]:
-                T.decay_weights_(params, scalar(1 - lr * weight_decay))
-            else:
-                grads = T.add_l2_penalty(grads, params, weight_decay)
+        grads = T.apply_weight_decay(grads, params, lr, weight_decay, group["decoupled_weight_decay"])
         exp_avgs = [state["exp_avg"] for state in states]
         exp_avg_sqs = [state["exp_avg_sq"] for state in states]
         T.moving_average_(exp_avgs, grads, beta1)
