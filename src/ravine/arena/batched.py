@@ -51,7 +51,6 @@ What can be batched:
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -69,11 +68,10 @@ from ravine.arena.train import (
     TrainConfig,
     _make_scheduler,
     _peak_memory,
-    _plain,
     _reset_peak_memory,
     evaluate,
-    format_spec,
     optimizer_state_bytes,
+    run_result,
 )
 from ravine.kernels import cpu as _cpu
 from ravine.kernels import fast as _fast
@@ -685,7 +683,6 @@ class _BatchedTraining:
         first = configs[0]
         count = len(configs)
         data = task.data
-        name, spec_arguments = registry.parse_spec(first.optimizer)
         steps_per_epoch = math.ceil(data.num_train / first.batch_size)
         total_steps = first.steps if first.steps is not None else first.epochs * steps_per_epoch
 
@@ -816,54 +813,32 @@ class _BatchedTraining:
         wall = time.perf_counter() - wall_start
         parameter_count = sum(p[0].numel() for p in tensors)
         parameter_bytes = sum(p[0].numel() * p.element_size() for p in tensors)
-        results = []
-        for config, probe, lr, run in zip(configs, probes, base_lrs, self.runs, strict=True):
-            hyperparameters = registry.describe(config.optimizer)
-            hyperparameters["lr"] = lr
-            ok = run.diverged_at is None
-            finite = [value for value in run.train_losses if math.isfinite(value)]
-            tail = max(1, min(steps_per_epoch, math.ceil(0.1 * len(finite)))) if finite else 1
-            durations = step_durations[: run.steps]
-            results.append(RunResult(
-                task=task.name,
-                optimizer=name,
-                spec=config.optimizer if config.lr is None else format_spec(name, {**spec_arguments, "lr": lr}),
-                lr=lr,
-                seed=config.seed,
-                batch_size=config.batch_size,
-                schedule=config.schedule,
-                clip_norm=config.clip_norm,
-                hyperparameters=_plain(hyperparameters),
-                status="ok" if ok else "diverged",
+        results = [
+            run_result(
+                task,
+                config,
+                lr,
                 steps_planned=total_steps,
                 steps=run.steps,
                 steps_per_epoch=steps_per_epoch,
-                diverged_at_step=run.diverged_at,
-                initial_loss=run.initial_loss if run.initial_loss is not None else math.nan,
-                final_train_loss=sum(finite[-tail:]) / tail if ok and finite else math.nan,
-                final_test_loss=run.test_losses[-1] if ok else math.nan,
-                final_test_metric=run.test_metrics[-1] if ok else math.nan,
-                metric_name=task.metric_name,
-                higher_is_better=task.higher_is_better,
-                train_loss=run.train_losses,
+                diverged_at=run.diverged_at,
+                initial_loss=run.initial_loss,
+                train_losses=run.train_losses,
                 eval_steps=run.eval_steps,
-                eval_epochs=[s / steps_per_epoch for s in run.eval_steps],
-                test_loss=run.test_losses,
-                test_metric=run.test_metrics,
+                test_losses=run.test_losses,
+                test_metrics=run.test_metrics,
+                step_durations=step_durations[: run.steps],
+                optimizer_durations=optimizer_durations[: run.steps],
                 wall_time_s=wall / count,
-                train_time_s=math.fsum(durations),
-                time_per_step_s=statistics.median(durations) if durations else math.nan,
-                optimizer_step_time_s=(
-                    statistics.median(optimizer_durations[: run.steps]) if run.steps else math.nan
-                ),
                 state_bytes=state_bytes,
                 parameter_count=parameter_count,
                 parameter_bytes=parameter_bytes,
                 peak_memory_bytes=peak_memory // count,
                 peak_memory_method=f"{memory_method}, shared by {count} batched runs",
-                torch_threads=torch.get_num_threads(),
                 extra={"batched_runs": count},
-            ))
+            )
+            for config, lr, run in zip(configs, base_lrs, self.runs, strict=True)
+        ]
         if not return_parameters:
             return results
         final = [{key: params[key][r].detach().clone() for key in names} for r in range(count)]

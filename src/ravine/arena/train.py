@@ -197,7 +197,6 @@ def train(
     if isinstance(task, str):
         task = get_task(task)
     data = task.data
-    name, spec_arguments = registry.parse_spec(config.optimizer)
     steps_per_epoch = math.ceil(data.num_train / config.batch_size)
     total_steps = config.steps if config.steps is not None else config.epochs * steps_per_epoch
 
@@ -209,8 +208,6 @@ def train(
     optimizer = registry.create(config.optimizer, model.parameters(), **overrides)
     lr = float(optimizer.param_groups[0]["lr"])
     scheduler = _make_scheduler(config.schedule, optimizer, lr, total_steps)
-    hyperparameters = registry.describe(config.optimizer)
-    hyperparameters["lr"] = lr
     memory_before, memory_method = _reset_peak_memory()
 
     shuffle = torch.Generator().manual_seed(config.seed)
@@ -287,6 +284,56 @@ def train(
     peak_memory = max(0, _peak_memory() - memory_before)
     state_bytes = state_bytes or optimizer_state_bytes(optimizer)
     parameters = list(model.parameters())
+    return run_result(
+        task,
+        config,
+        lr,
+        steps_planned=total_steps,
+        steps=step,
+        steps_per_epoch=steps_per_epoch,
+        diverged_at=diverged_at,
+        initial_loss=initial_loss,
+        train_losses=train_losses,
+        eval_steps=eval_steps,
+        test_losses=test_losses,
+        test_metrics=test_metrics,
+        step_durations=step_durations,
+        optimizer_durations=optimizer_durations,
+        wall_time_s=time.perf_counter() - wall_start,
+        state_bytes=state_bytes,
+        parameter_count=sum(p.numel() for p in parameters),
+        parameter_bytes=sum(p.numel() * p.element_size() for p in parameters),
+        peak_memory_bytes=peak_memory,
+        peak_memory_method=memory_method,
+    )
+
+
+def run_result(
+    task: Task,
+    config: TrainConfig,
+    lr: float,
+    *,
+    steps_planned: int,
+    steps: int,
+    steps_per_epoch: int,
+    diverged_at: int | None,
+    initial_loss: float | None,
+    train_losses: list[float],
+    eval_steps: list[int],
+    test_losses: list[float],
+    test_metrics: list[float],
+    step_durations: list[float],
+    optimizer_durations: list[float],
+    **measured: Any,
+) -> RunResult:
+    """A run's :class:`RunResult` from what it recorded, step by step and at each
+    evaluation (sequential and batched runs alike); ``measured`` holds the remaining
+    fields as measured (wall time, state and parameter bytes, peak memory, extra).
+    The final train loss averages the last tenth of the finite step losses (at most an
+    epoch's); a diverged run reports NaN for its final losses and metric."""
+    name, spec_arguments = registry.parse_spec(config.optimizer)
+    hyperparameters = registry.describe(config.optimizer)
+    hyperparameters["lr"] = lr
     ok = diverged_at is None
     finite_losses = [value for value in train_losses if math.isfinite(value)]
     tail = max(1, min(steps_per_epoch, math.ceil(0.1 * len(finite_losses)))) if finite_losses else 1
@@ -301,8 +348,8 @@ def train(
         clip_norm=config.clip_norm,
         hyperparameters=_plain(hyperparameters),
         status="ok" if ok else "diverged",
-        steps_planned=total_steps,
-        steps=step,
+        steps_planned=steps_planned,
+        steps=steps,
         steps_per_epoch=steps_per_epoch,
         diverged_at_step=diverged_at,
         initial_loss=initial_loss if initial_loss is not None else math.nan,
@@ -316,16 +363,11 @@ def train(
         eval_epochs=[s / steps_per_epoch for s in eval_steps],
         test_loss=test_losses,
         test_metric=test_metrics,
-        wall_time_s=time.perf_counter() - wall_start,
         train_time_s=math.fsum(step_durations),
         time_per_step_s=statistics.median(step_durations) if step_durations else math.nan,
         optimizer_step_time_s=statistics.median(optimizer_durations) if optimizer_durations else math.nan,
-        state_bytes=state_bytes,
-        parameter_count=sum(p.numel() for p in parameters),
-        parameter_bytes=sum(p.numel() * p.element_size() for p in parameters),
-        peak_memory_bytes=peak_memory,
-        peak_memory_method=memory_method,
         torch_threads=torch.get_num_threads(),
+        **measured,
     )
 
 
