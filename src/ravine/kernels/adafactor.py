@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ravine import transforms as T
-from ravine.kernels import cpu
+from ravine.kernels import cpu, fast
 
 __all__ = ["CompiledGroup", "build"]
 
@@ -134,12 +134,10 @@ class CompiledGroup:
         ]
         self.state_count = len(state_table)
         # The state tensors the tables point into: a replaced one rebuilds them.
-        self.watched_states = [full[i] for part in self.parts for i in part.indices for _ in range(2)]
-        self.watched_names = [
-            name for part in self.parts for i in part.indices
-            for name in (("row_var", "col_var") if params[i].dim() > 1 else ("variance", "variance"))
-        ]
-        self.watched = list(map(dict.get, self.watched_states, self.watched_names))
+        self.watched = fast.StateWatch([
+            (full[i], name) for part in self.parts for i in part.indices
+            for name in (("row_var", "col_var") if params[i].dim() > 1 else ("variance",))
+        ])
         #: Steps in which the kernel ran (a step may leave every parameter to the plain path).
         self.steps_taken = 0
         if len(self.parts) == 1 and len(self.parts[0].indices) == len(params):
@@ -151,7 +149,7 @@ class CompiledGroup:
             and states is self.states
             and state_table is self.state_table
             and len(state_table) == self.state_count
-            and all(map(operator.is_, map(dict.get, self.watched_states, self.watched_names), self.watched))
+            and self.watched.unchanged()
         )
 
     @staticmethod

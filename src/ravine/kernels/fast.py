@@ -16,6 +16,7 @@ arguments: a learning rate that changes every step rebuilds nothing.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ from torch import Tensor
 from ravine import transforms as T
 from ravine.kernels import cpu
 
-__all__ = ["IMPLEMENTATIONS", "Spec", "FastPart", "spec_for", "prepare", "check_impl"]
+__all__ = ["IMPLEMENTATIONS", "Spec", "FastPart", "StateWatch", "spec_for", "prepare", "check_impl"]
 
 IMPLEMENTATIONS = ("auto", "plain", "fast")
 
@@ -40,6 +41,20 @@ ITEM_ELEMENTS = 1 << 15
 # Below this many elements in a call one thread is faster than waking others (the
 # grain size torch uses for its own element-wise kernels).
 PARALLEL_ELEMENTS = 1 << 15
+
+
+class StateWatch:
+    """The state tensors a cached plan points into, named as (state dict, key) pairs:
+    :meth:`unchanged` turns False once a pair holds another tensor (a loaded state
+    dict, a new buffer), so the plan is rebuilt. Checked every step, in C loops."""
+
+    def __init__(self, entries: list[tuple[dict[str, Any], str]]) -> None:
+        self.states = [state for state, _ in entries]
+        self.keys = [key for _, key in entries]
+        self.tensors = list(map(dict.get, self.states, self.keys))
+
+    def unchanged(self) -> bool:
+        return all(map(operator.is_, map(dict.get, self.states, self.keys), self.tensors))
 
 
 def check_impl(impl: Any) -> str:

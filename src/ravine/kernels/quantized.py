@@ -206,7 +206,7 @@ class Plan:
         # The scales the tables point at: a replaced one rebuilds the plan. (The code
         # tensors, like every state tensor, are watched by the optimizer's own plan,
         # which passes new lists when one is replaced.)
-        self.watched = [(fulls[i], name + "_absmax", fulls[i][name + "_absmax"]) for i in quantized for name in names]
+        self.watched = fast.StateWatch([(fulls[i], name + "_absmax") for i in quantized for name in names])
         has_8bit_state = {i for i, full in enumerate(fulls) if any(name + "_absmax" in full for name in names)}
         self.part = _Part(family, names, quantized, params, fulls) if quantized else None
         # Parameters with float32 state: the element-wise step (its own eligibility checks).
@@ -223,7 +223,7 @@ class Plan:
         return (
             params is self.params
             and states is self.states
-            and all(full.get(key) is tensor for full, key, tensor in self.watched)
+            and self.watched.unchanged()
         )
 
     def run(self, group, grads: list[Tensor], steps: list[float]) -> list[int]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -553,12 +552,9 @@ class _Plan:
     def __init__(self, blocks, dense, watched, state_table) -> None:
         self.blocks: list[_Block] = blocks
         self.dense: list[tuple[Tensor, dict[str, Any]]] = dense
-        self.watched: list[tuple[dict[str, Any], str, Tensor]] = watched
+        self.watched = _fast.StateWatch(watched)
         self.params = [p for p, _ in dense]
         self.pointers = [p.data_ptr() for p in self.params]
-        self.watched_states = [state for state, _, _ in watched]
-        self.watched_names = [name for _, name, _ in watched]
-        self.watched_tensors = [tensor for _, _, tensor in watched]
         self.state_table = state_table
         self.state_count = len(state_table)
         # The compiled step's share of the parameters, and blocks for the rest.
@@ -583,7 +579,7 @@ class _Plan:
             state_table is self.state_table
             and len(state_table) == self.state_count
             and [p.data_ptr() for p in self.params] == self.pointers
-            and all(map(operator.is_, map(dict.get, self.watched_states, self.watched_names), self.watched_tensors))
+            and self.watched.unchanged()
         )
 
     @staticmethod
@@ -600,7 +596,7 @@ class _Plan:
         current = _Block()
         for index, (p, state) in enumerate(dense):
             buffers = [state.get(name) for name in names]
-            watched.extend((state, name, buffer) for name, buffer in zip(names, buffers))
+            watched.extend((state, name) for name in names)
             if index in skip:
                 continue
             real = real_view_for_complex and torch.is_complex(p)
