@@ -289,7 +289,10 @@ def spec_for(optimizer: Any) -> Spec | None:
     return _SPECS.get(type(optimizer))
 
 
-def _eligible(p: Tensor, buffers: list[Tensor | None]) -> bool:
+def eligible(p: Tensor, buffers: list[Tensor | None]) -> bool:
+    """Whether a compiled step can take ``p`` with state ``buffers``: a dense,
+    contiguous float32/float64 CPU tensor (not a subclass such as DTensor), each
+    buffer present, contiguous and of its dtype, device and shape."""
     if type(p.data) is not torch.Tensor:  # a tensor subclass (DTensor) has no plain storage to point at
         return False
     if p.device.type != "cpu" or p.dtype not in cpu.DTYPES or p.is_sparse or not p.is_contiguous():
@@ -327,12 +330,7 @@ class FastPart:
 
     def grads_ready(self) -> bool:
         """Whether every gradient is dense and contiguous (checked every step)."""
-        # List comprehensions, not a loop: this runs for every tensor of every step.
-        grads = [p.grad for p in self.params]
-        if not all([grad.layout is torch.strided and grad.is_contiguous() for grad in grads]):
-            return False
-        self.pointers[:, 1] = [grad.data_ptr() for grad in grads]
-        return True
+        return grad_pointers_into(self.pointers[:, 1], [p.grad for p in self.params])
 
     def run(self, flags: int, hyperparameters: np.ndarray, per_step: dict[float, list[float]], steps: list[float]) -> None:
         if self.spec.scalars_per_tensor:
@@ -354,11 +352,23 @@ class FastPart:
         )
 
 
+def grad_pointers_into(column: np.ndarray, grads: list[Tensor], dtype: torch.dtype | None = None) -> bool:
+    """Write the addresses of ``grads`` into ``column`` (a compiled step's table) if
+    every gradient is dense and contiguous (and of ``dtype``, when given); return
+    whether they were. Runs for every tensor of every step, so in list comprehensions."""
+    if not all([grad.layout is torch.strided and grad.is_contiguous() for grad in grads]):
+        return False
+    if dtype is not None and not all([grad.dtype == dtype for grad in grads]):
+        return False
+    column[:] = [grad.data_ptr() for grad in grads]
+    return True
+
+
 def prepare(spec: Spec, dense, names) -> tuple[list[FastPart], set[int]]:
     """The fast parts of a group (one per dtype) and the indices they cover."""
     by_dtype: dict[torch.dtype, list[int]] = {}
     for index, (p, state) in enumerate(dense):
-        if _eligible(p, [state.get(name) for name in names]):
+        if eligible(p, [state.get(name) for name in names]):
             by_dtype.setdefault(p.dtype, []).append(index)
     parts = [FastPart(spec, dtype, indices, dense, names) for dtype, indices in by_dtype.items()]
     covered = {index for indices in by_dtype.values() for index in indices}

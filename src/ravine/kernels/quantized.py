@@ -140,13 +140,7 @@ class _Part:
         self.per_tensor = np.zeros((len(indices), 2), dtype=np.float64)
 
     def grads_ready(self, grads: list[Tensor]) -> bool:
-        column = self.pointers[:, 1]
-        for t, i in enumerate(self.indices):
-            grad = grads[i]
-            if grad.is_sparse or not grad.is_contiguous() or grad.dtype != torch.float32:
-                return False
-            column[t] = grad.data_ptr()
-        return True
+        return fast.grad_pointers_into(self.pointers[:, 1], [grads[i] for i in self.indices], torch.float32)
 
     def run(self, flags: int, hyperparameters: np.ndarray, per_step: dict[float, list[float]], steps: list[float]) -> None:
         if len(per_step) == 1:

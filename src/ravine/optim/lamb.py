@@ -196,18 +196,6 @@ def _library() -> ctypes.CDLL:
     return library
 
 
-def _eligible(p: Tensor, grad: Tensor, state: dict[str, Any]) -> bool:
-    if type(p.data) is not torch.Tensor or p.device.type != "cpu" or p.dtype not in cpu.DTYPES:
-        return False
-    if p.is_sparse or not p.is_contiguous():
-        return False
-    return all(
-        isinstance(b, Tensor) and b.dtype == p.dtype and b.device == p.device and b.shape == p.shape
-        and b.is_contiguous()
-        for b in (state.get("exp_avg"), state.get("exp_avg_sq"))
-    )
-
-
 class _Part:
     """The tensors of one block and dtype that the compiled step updates, with the
     tables it reads (kept between steps; only the gradients' addresses are refreshed)."""
@@ -234,13 +222,7 @@ class _Part:
 
     def grads_ready(self, grads: list[Tensor]) -> bool:
         """Whether every gradient is dense and contiguous (checked every step)."""
-        column = self.pointers[:, 1]
-        for row, i in enumerate(self.indices):
-            grad = grads[i]
-            if grad.is_sparse or not grad.is_contiguous():
-                return False
-            column[row] = grad.data_ptr()
-        return True
+        return _fast.grad_pointers_into(self.pointers[:, 1], [grads[i] for i in self.indices])
 
     def run(self, library, hyperparameters: np.ndarray, flags: int, scalars: dict[float, tuple], steps) -> None:
         if len(scalars) == 1:
@@ -255,7 +237,7 @@ class _Part:
         )
 
 
-def _parts(optimizer: Lamb, params, grads, states) -> tuple[list[_Part], list[int]]:
+def _parts(optimizer: Lamb, params, states) -> tuple[list[_Part], list[int]]:
     """The compiled parts of a block and the indices left to the plain path, kept
     while the block's list of parameters is the same object (the optimizer's plan
     makes a new one whenever a parameter or a state tensor is replaced)."""
@@ -264,8 +246,8 @@ def _parts(optimizer: Lamb, params, grads, states) -> tuple[list[_Part], list[in
     if entry is None or entry[0] is not params:
         by_dtype: dict[torch.dtype, list[int]] = {}
         rest = []
-        for i, (p, grad, state) in enumerate(zip(params, grads, states)):
-            if _eligible(p, grad, state):
+        for i, (p, state) in enumerate(zip(params, states)):
+            if _fast.eligible(p, [state.get("exp_avg"), state.get("exp_avg_sq")]):
                 by_dtype.setdefault(p.dtype, []).append(i)
             else:
                 rest.append(i)
@@ -281,7 +263,7 @@ def _compiled_step(optimizer: Lamb, group, params, grads, states, steps) -> list
     path (all of them when the group's hyperparameters are tensors)."""
     if not isinstance(group["eps"], (int, float)):
         return list(range(len(params)))
-    parts, rest = _parts(optimizer, params, grads, states)
+    parts, rest = _parts(optimizer, params, states)
     ready = [part for part in parts if part.grads_ready(grads)]
     rest = sorted([*rest, *(i for part in parts if part not in ready for i in part.indices)])
     if not ready:
