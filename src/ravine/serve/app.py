@@ -44,7 +44,7 @@ from ravine.arena.tasks import available_tasks, get_task
 from ravine.arena.train import SCHEDULES
 from ravine.arena.tune import DEFAULT_SETTINGS
 from ravine.serve import playground
-from ravine.serve.runs import DEFAULT_OPTIMIZERS, DEFAULT_TASK, MAX_EPOCHS, RunManager, RunNotFound, TrainingSettings
+from ravine.serve.runs import MAX_EPOCHS, RunManager, RunNotFound, TrainingSettings
 
 __all__ = ["EVENT_INTERVAL_S", "create_app"]
 
@@ -63,18 +63,19 @@ logger = logging.getLogger("ravine.serve")
 
 
 class RunRequest(BaseModel):
-    """The body of ``POST /api/runs``; values are checked by :class:`TrainingSettings`."""
+    """The body of ``POST /api/runs``; values are checked, and defaults taken, by
+    :class:`TrainingSettings`."""
 
     model_config = ConfigDict(extra="forbid")
 
-    task: str = DEFAULT_TASK
-    optimizers: list[str] = list(DEFAULT_OPTIMIZERS)
-    batch_size: int = 32
-    lr: float | None = None
-    schedule: str = "constant"
-    clip_norm: float | None = None
-    epochs: int = 5
-    seed: int = 0
+    task: str = TrainingSettings.task
+    optimizers: list[str] = list(TrainingSettings.optimizers)
+    batch_size: int = TrainingSettings.batch_size
+    lr: float | None = TrainingSettings.lr
+    schedule: str = TrainingSettings.schedule
+    clip_norm: float | None = TrainingSettings.clip_norm
+    epochs: int = TrainingSettings.epochs
+    seed: int = TrainingSettings.seed
 
 
 class PathsRequest(BaseModel):
